@@ -1,0 +1,100 @@
+"""The server-side calibration set, read as batches as often as fusion needs a pass over it.
+
+Fusion streams the calibration set once per level and accumulates statistics, so its memory does not
+grow with the set's size; the set must therefore be re-iterable (a tensor, a pair, a list of batches or a
+DataLoader; not a generator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+Batch = tuple[Tensor, "Tensor | None"]
+
+
+class CalibrationSet:
+    """Calibration inputs, with optional integer class labels, as batches.
+
+    Args:
+        data: a tensor of inputs ``[N, ...]``; a tuple ``(inputs, labels)`` with labels ``[N]``
+            (integer class indices) or ``None``; or a re-iterable of batches, each a tensor or an
+            ``(inputs, labels)`` tuple/list (what a DataLoader yields).
+        batch_size: rows per batch when ``data`` is a tensor or a pair; an iterable keeps its batches.
+
+    Raises:
+        TypeError: ``data`` is of none of those forms, or is a one-shot iterator.
+        ValueError: the set is empty, or labels do not match the inputs.
+    """
+
+    def __init__(self, data: Tensor | tuple | Iterable, batch_size: int) -> None:
+        if isinstance(data, Tensor):
+            data = (data, None)
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+            inputs, labels = data
+            _check_batch(inputs, labels, where="calibration")
+            self._source: Iterable = [
+                (inputs[i : i + batch_size], None if labels is None else labels[i : i + batch_size])
+                for i in range(0, len(inputs), batch_size)
+            ]
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+            if iter(data) is data:
+                raise TypeError(
+                    "calibration is a one-shot iterator (e.g. a generator); fusion reads it once per level, "
+                    "so pass a list of batches or a DataLoader"
+                )
+            self._source = data
+        else:
+            raise TypeError(
+                "calibration must be a tensor, an (inputs, labels) pair or an iterable of batches; "
+                f"got {type(data).__name__}"
+            )
+        self.num_samples, self.has_labels = self._scan()
+
+    def _scan(self) -> tuple[int, bool]:
+        count, labelled = 0, set()
+        for index, (inputs, labels) in enumerate(self._unpacked()):
+            _check_batch(inputs, labels, where=f"calibration batch {index}")
+            count += len(inputs)
+            labelled.add(labels is not None)
+        if count == 0:
+            raise ValueError("the calibration set is empty: fusion needs inputs to compute activations")
+        if len(labelled) > 1:
+            raise ValueError("some calibration batches have labels and others do not")
+        return count, labelled.pop()
+
+    def _unpacked(self) -> Iterator[Batch]:
+        for batch in self._source:
+            if isinstance(batch, Tensor):
+                yield batch, None
+            elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Tensor):
+                yield batch[0], batch[1] if len(batch) == 2 else None
+            else:
+                raise TypeError(
+                    "each calibration batch must be a tensor or an (inputs, labels) pair; "
+                    f"got {type(batch).__name__}"
+                )
+
+    def batches(self, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+        """Batches on ``device``; floating inputs cast to ``dtype`` (the models' parameter dtype)."""
+        for inputs, labels in self._unpacked():
+            if inputs.is_floating_point():
+                inputs = inputs.to(device=device, dtype=dtype)
+            else:
+                inputs = inputs.to(device)
+            yield inputs, None if labels is None else labels.to(device)
+
+
+def _check_batch(inputs: Tensor, labels: Tensor | None, where: str) -> None:
+    if inputs.dim() == 0:
+        raise ValueError(f"{where}: inputs must have a batch dimension, got a scalar")
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{where}: labels must be a tensor or None, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}")
+    if len(labels) != len(inputs):
+        raise ValueError(f"{where}: {len(inputs)} inputs but {len(labels)} labels")

@@ -1,0 +1,79 @@
+"""The configuration of one fusion: what to group by, how to score neurons, how to fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+VARIANTS = ("linear",)
+GROUPINGS = ("kmeans", "hungarian")
+IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How `fuse` merges K parent models into one.
+
+    Attributes:
+        variant: how each fused level is fitted to its group targets. ``"linear"``: closed-form ridge
+            least squares over the level's inputs (patches, for convolutions), the fused model's own
+            previous levels feeding it.
+        grouping: how the K·n parent neurons of a level are grouped into n fused neurons.
+            ``"kmeans"``: importance-weighted k-means, any K. ``"hungarian"``: optimal one-to-one
+            matching of the two parents' neurons, K = 2 only.
+        importance: the neuron importance score s_j that weights grouping and targets.
+            ``"uniform"``: all ones. ``"gradient_x_activation"``: mean |activation × gradient| (one
+            backward pass, cheap). ``"conductance"``: captum's LayerConductance. ``"deeplift"``:
+            captum's LayerDeepLift. Attribution targets are the calibration labels, or each parent's
+            own prediction when there are none.
+        ridge: ridge regularisation of the least squares, relative to the mean diagonal of XᵀX (so
+            it is unit-free); the bias is not penalised. 0 gives the minimum-norm solution (the
+            paper's pseudo-inverse).
+        batch_size: calibration samples per forward pass when the calibration set is a tensor or
+            an ``(inputs, labels)`` pair (a DataLoader keeps its own batches). Bounds peak memory.
+        seed: seeds k-means; the same seed gives the same fused weights, bit for bit, on CPU.
+        kmeans_n_init: k-means restarts; the run with the lowest weighted cost is kept.
+        kmeans_max_iter: Lloyd iterations per restart.
+        conductance_steps: integration steps of conductance (the paper uses 10).
+        progress: show a progress bar over levels.
+    """
+
+    variant: str = "linear"
+    grouping: str = "kmeans"
+    importance: str = "uniform"
+    ridge: float = 1e-4
+    batch_size: int = 256
+    seed: int = 0
+    kmeans_n_init: int = 3
+    kmeans_max_iter: int = 300
+    conductance_steps: int = 10
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("grouping", self.grouping, GROUPINGS)
+        _check_choice("importance", self.importance, IMPORTANCES)
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
+            raise TypeError(f"FusionConfig.ridge must be a number, got {type(self.ridge).__name__}")
+        if not math.isfinite(self.ridge) or self.ridge < 0:
+            raise ValueError(f"FusionConfig.ridge must be finite and >= 0, got {self.ridge}")
+        for name in ("batch_size", "kmeans_n_init", "kmeans_max_iter", "conductance_steps"):
+            _check_positive_int(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"FusionConfig.seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"FusionConfig.progress must be a bool, got {self.progress!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"FusionConfig.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"FusionConfig.{name} must be a positive int, got {value!r}")

@@ -1,0 +1,98 @@
+"""The linear variant's fit: one ridge least-squares solve per level, for all its neurons at once, and
+writing the solution into the fused model's layer (and BatchNorm) so that the model computes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedfuse.fusion.statistics import LevelStatistics
+
+
+@dataclass(frozen=True)
+class LevelFit:
+    """A fitted level.
+
+    Attributes:
+        weight: ``[d, groups]``: neuron k computes ``x @ weight[:, k] + bias[k]`` on its input row x.
+        bias: ``[groups]`` (zeros when the level has no bias).
+        r2: R² of the fitted outputs against the group targets over the calibration rows, pooled.
+        output_mean, output_var: ``[groups]`` mean and variance of the fitted outputs over the rows.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    r2: float
+    output_mean: Tensor
+    output_var: Tensor
+
+
+def fit_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool) -> LevelFit:
+    """Solve min_W ‖X·W − Z·shares‖² + λ‖W‖² (bias unpenalised) from accumulated statistics.
+
+    λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' scale. With
+    ``ridge == 0`` the minimum-norm solution is taken (the paper's pseudo-inverse).
+    """
+    if with_bias:
+        xtx, xtz = stats.with_bias()
+    else:
+        xtx, xtz = stats.xtx, stats.xtz
+    xtt = xtz @ shares
+    fan_in = stats.xtx.shape[0]
+    if ridge > 0:
+        scale = stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        regularised = xtx.clone()
+        regularised.diagonal()[:fan_in] += ridge * scale
+        factor, info = torch.linalg.cholesky_ex(regularised)
+        solution = torch.cholesky_solve(xtt, factor) if info == 0 else _min_norm(regularised, xtt)
+    else:
+        solution = _min_norm(xtx, xtt)
+    weight = solution[:fan_in]
+    bias = solution[fan_in] if with_bias else torch.zeros(shares.shape[1], dtype=torch.float64)
+
+    rows = stats.rows
+    target_energy = (shares * (stats.ztz @ shares)).sum(0)
+    target_mean = stats.z_sum @ shares / rows
+    output_energy = (solution * (xtx @ solution)).sum(0)
+    residual = (target_energy - 2 * (solution * xtt).sum(0) + output_energy).sum().clamp_min(0)
+    spread = (target_energy - rows * target_mean**2).sum()
+    r2 = float(1 - residual / spread) if spread > 0 else float(residual <= 1e-12 * target_energy.sum())
+    output_mean = (stats.x_sum @ weight) / rows + bias
+    output_var = (output_energy / rows - output_mean**2).clamp_min(0)
+    return LevelFit(weight, bias, r2, output_mean, output_var)
+
+
+def _min_norm(matrix: Tensor, rhs: Tensor) -> Tensor:
+    return torch.linalg.lstsq(matrix.cpu(), rhs.cpu(), driver="gelsd").solution.to(matrix.device)
+
+
+def write_level(layer: nn.Module, norm: nn.Module | None, fit: LevelFit) -> None:
+    """Make ``layer`` (and its folded BatchNorm) compute the fitted map, keeping every state_dict key.
+
+    Without BatchNorm the layer takes the fitted weight and bias. With one, the layer takes the fitted
+    weight (and bias, if it has one) and the BatchNorm is refitted so that, in eval mode, it passes the
+    layer's output through unchanged but for the bias the layer lacks: its running statistics become the
+    mean and variance of the layer's output on the calibration set, and its affine parameters undo them.
+    So the statistics are right for the fused weights, and training the fused model further (as the
+    next federated round does, with batch statistics) starts from the same function.
+    """
+    weight = fit.weight.T.reshape(layer.weight.shape)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer_bias = fit.bias if layer.bias is not None else torch.zeros_like(fit.bias)
+        if layer.bias is not None:
+            layer.bias.copy_(fit.bias)
+        if norm is None:
+            return
+        missing_bias = fit.bias - layer_bias
+        mean = fit.output_mean - missing_bias
+        if norm.affine:
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(fit.output_var)
+            norm.weight.copy_((fit.output_var + norm.eps).sqrt())
+            norm.bias.copy_(mean + missing_bias)
+        else:
+            norm.running_mean.copy_(-missing_bias)
+            norm.running_var.fill_(1.0 - norm.eps)

@@ -1,0 +1,105 @@
+"""What a fusion did, level by level: plain objects that print as a table and convert to a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LevelReport:
+    """One fused level.
+
+    Attributes:
+        name: the level's layer in the fused model's state_dict namespace (``"features.3"``).
+        kind: ``"linear"`` or ``"conv2d"``.
+        neurons: fused neurons (output features or channels) of the level.
+        fan_in: inputs of one neuron (``in_features``, or ``in_channels·kh·kw`` for a convolution),
+            plus one for the bias when the level has one.
+        rows: calibration rows the level was fitted on: samples, times output positions for a
+            convolution.
+        grouping: ``"kmeans"``, ``"hungarian"``, ``"index"`` (the output layer: classes matched by
+            index) or ``"identity"`` (one parent).
+        grouping_cost: the importance-weighted share of the parents' neuron variance that merging
+            loses, Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖²; 0 when every group's members agree.
+        fit_r2: R² of the fused level's outputs against its group targets on the calibration rows
+            (pooled over neurons); 1 is a perfect fit.
+        seconds: wall-clock seconds per phase: ``statistics`` (forward passes and accumulation),
+            ``importance``, ``grouping``, ``solve``.
+        ill_posed: the level had fewer calibration rows than fan-in; the ridge kept the solve
+            well-posed.
+    """
+
+    name: str
+    kind: str
+    neurons: int
+    fan_in: int
+    rows: int
+    grouping: str
+    grouping_cost: float
+    fit_r2: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    ill_posed: bool = False
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """The whole fusion: its setting, one `LevelReport` per level, and totals."""
+
+    parents: int
+    calibration_samples: int
+    config: dict[str, Any]
+    levels: tuple[LevelReport, ...]
+    seconds: float
+
+    @property
+    def mean_fit_r2(self) -> float:
+        """Mean R² over levels (nan with no levels, as for K = 1)."""
+        if not self.levels:
+            return float("nan")
+        return sum(level.fit_r2 for level in self.levels) / len(self.levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, levels included."""
+        out = asdict(self)
+        out["levels"] = [dict(asdict(level), total_seconds=level.total_seconds) for level in self.levels]
+        out["mean_fit_r2"] = self.mean_fit_r2
+        return out
+
+    def table(self) -> str:
+        """A fixed-width table, one row per level, then the totals."""
+        header = ("level", "kind", "neurons", "fan_in", "rows", "grouping", "cost", "fit R2", "seconds")
+        rows = [
+            (
+                level.name,
+                level.kind,
+                str(level.neurons),
+                str(level.fan_in) + ("*" if level.ill_posed else ""),
+                str(level.rows),
+                level.grouping,
+                f"{level.grouping_cost:.4f}",
+                f"{level.fit_r2:.4f}",
+                f"{level.total_seconds:.2f}",
+            )
+            for level in self.levels
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        line = "  ".join
+        lines = [
+            f"fused {self.parents} parents on {self.calibration_samples} calibration samples "
+            f"({self.config.get('variant')}, {self.config.get('grouping')}, "
+            f"importance={self.config.get('importance')}, seed={self.config.get('seed')})",
+            line(h.ljust(w) for h, w in zip(header, widths)),
+        ]
+        lines += [line(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"total {self.seconds:.2f} s, mean fit R2 {self.mean_fit_r2:.4f}")
+        if any(level.ill_posed for level in self.levels):
+            lines.append("* fewer calibration rows than fan-in: the ridge kept the solve well-posed")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
