@@ -95,6 +95,8 @@ def _check_batch(inputs: Tensor, labels: Tensor | None, where: str) -> None:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{where}: labels must be a tensor or None, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}"
+        )
     if len(labels) != len(inputs):
         raise ValueError(f"{where}: {len(inputs)} inputs but {len(labels)} labels")

@@ -174,7 +174,10 @@ class _LevelFusion:
             for inputs, _ in self.calibration.batches(self.device, self.dtype):
                 x = layer_inputs(layer, self.fused_leaves.run(inputs, 0, level.start))
                 z = torch.cat(
-                    [neuron_values(level, leaves.run(inputs, 0, level.stop)) for leaves in self.parent_leaves],
+                    [
+                        neuron_values(level, leaves.run(inputs, 0, level.stop))
+                        for leaves in self.parent_leaves
+                    ],
                     dim=1,
                 )
                 if stats is None:

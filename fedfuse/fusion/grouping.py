@@ -81,14 +81,22 @@ def _kmeans(gram: Tensor, scores: Tensor, groups: int, *, seed: int, n_init: int
     return torch.as_tensor(_fill_empty_groups(points, weights, labels, groups))
 
 
-def _fill_empty_groups(points: np.ndarray, weights: np.ndarray, labels: np.ndarray, groups: int) -> np.ndarray:
+def _fill_empty_groups(
+    points: np.ndarray, weights: np.ndarray, labels: np.ndarray, groups: int
+) -> np.ndarray:
     """Give every empty group the neuron farthest from its own group's mean (k-means can leave a group
     empty when there are fewer distinct neurons than groups); an empty group would be a dead neuron."""
     labels = labels.copy()
     for empty in np.setdiff1d(np.arange(groups), labels):
         counts = np.bincount(labels, minlength=groups)
-        centres = np.stack([np.average(points[labels == g], axis=0, weights=weights[labels == g]) if counts[g]
-                            else np.zeros(points.shape[1]) for g in range(groups)])
+        centres = np.stack(
+            [
+                np.average(points[labels == g], axis=0, weights=weights[labels == g])
+                if counts[g]
+                else np.zeros(points.shape[1])
+                for g in range(groups)
+            ]
+        )
         distance = weights * ((points - centres[labels]) ** 2).sum(1)
         distance[counts[labels] < 2] = -np.inf
         labels[int(np.argmax(distance))] = empty
@@ -96,10 +104,13 @@ def _fill_empty_groups(points: np.ndarray, weights: np.ndarray, labels: np.ndarr
 
 
 def _hungarian(gram: Tensor, scores: Tensor, groups: int) -> Tensor:
-    """Pair each neuron of parent 0 with one of parent 1 at least merging cost s_i s_j/(s_i+s_j)‖z_i − z_j‖²."""
+    """Pair each neuron of parent 0 with one of parent 1, at least total merging cost
+    s_i·s_j/(s_i + s_j)·‖z_i − z_j‖² (the weighted k-means cost of the pair)."""
     n = gram.shape[0] // 2
     if n != groups:
-        raise ValueError(f"hungarian matching pairs the two parents' {n} neurons one to one; {groups} groups asked")
+        raise ValueError(
+            f"hungarian matching pairs the two parents' {n} neurons one to one; {groups} groups asked"
+        )
     diag = gram.diagonal()
     distance = diag[:n, None] + diag[None, n:] - 2 * gram[:n, n:]
     s0, s1 = scores[:n, None], scores[None, n:]

@@ -46,7 +46,11 @@ def importance_scores(
     count = 0
     for inputs, labels in calibration.batches(device, dtype):
         target = labels if labels is not None else _predictions(parent, inputs)
-        kwargs = {"n_steps": conductance_steps, "internal_batch_size": 2 * len(inputs)} if method == "conductance" else {}
+        kwargs = (
+            {"n_steps": conductance_steps, "internal_batch_size": 2 * len(inputs)}
+            if method == "conductance"
+            else {}
+        )
         attributions = attribution.attribute(inputs, target=target, **kwargs).detach()
         per_channel = attributions.abs().movedim(channel_dim, -1).reshape(-1, level.width)
         total += per_channel.double().sum(0)

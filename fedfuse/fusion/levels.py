@@ -70,7 +70,10 @@ def leaves_of(model: nn.Module) -> Leaves:
 
 
 def _walk(container: nn.Sequential, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-    for child_name, child in container.named_children():
+    # Not named_children(): it skips a module's repeated appearances, which the forward pass does run.
+    for child_name, child in container._modules.items():
+        if child is None:
+            continue
         name = f"{prefix}{child_name}"
         if isinstance(child, nn.Sequential):
             yield from _walk(child, prefix=f"{name}.")
@@ -107,7 +110,9 @@ def find_levels(model: nn.Module) -> tuple[Leaves, list[Level]]:
                     "folded into one"
                 )
             _check_norm(name, module, previous)
-            levels[-1] = Level(previous.name, name, previous.start, position + 1, previous.kind, previous.width)
+            levels[-1] = Level(
+                previous.name, name, previous.start, position + 1, previous.kind, previous.width
+            )
         elif any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             raise ValueError(
                 f"module '{name}' ({type(module).__name__}) holds parameters or buffers; the linear variant "
@@ -128,7 +133,9 @@ def _layer_level(name: str, module: nn.Module, position: int) -> Level:
 
 def _check_norm(name: str, norm: nn.Module, level: Level) -> None:
     if norm.num_features != level.width:
-        raise ValueError(f"BatchNorm '{name}' has {norm.num_features} features; '{level.name}' outputs {level.width}")
+        raise ValueError(
+            f"BatchNorm '{name}' has {norm.num_features} features; '{level.name}' outputs {level.width}"
+        )
     if not norm.track_running_stats:
         raise ValueError(
             f"BatchNorm '{name}' keeps no running statistics, so in eval mode it depends on the batch and "
@@ -136,4 +143,6 @@ def _check_norm(name: str, norm: nn.Module, level: Level) -> None:
         )
     expected = "linear" if isinstance(norm, nn.BatchNorm1d) else "conv2d"
     if expected != level.kind:
-        raise ValueError(f"BatchNorm '{name}' ({type(norm).__name__}) follows a {level.kind} layer '{level.name}'")
+        raise ValueError(
+            f"BatchNorm '{name}' ({type(norm).__name__}) follows a {level.kind} layer '{level.name}'"
+        )

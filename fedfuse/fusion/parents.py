@@ -45,19 +45,23 @@ def _check_same_state(index: int, reference: dict[str, Tensor], state: dict[str,
     for key, value in state.items():
         if value.shape != reference[key].shape:
             raise ValueError(
-                f"parent {index}'s '{key}' has shape {tuple(value.shape)}; parent 0's has {tuple(reference[key].shape)}"
+                f"parent {index}'s '{key}' has shape {tuple(value.shape)}; "
+                f"parent 0's has {tuple(reference[key].shape)}"
             )
         if value.dtype != reference[key].dtype:
-            raise ValueError(f"parent {index}'s '{key}' is {value.dtype}; parent 0's is {reference[key].dtype}")
+            raise ValueError(
+                f"parent {index}'s '{key}' is {value.dtype}; parent 0's is {reference[key].dtype}"
+            )
 
 
 def _check_same_modules(index: int, reference: list[tuple[str, type, str]], model: nn.Module) -> None:
     modules = [(name, type(m), m.extra_repr()) for name, m in model.named_modules()]
     for ours, theirs in zip(modules, reference):
         if ours != theirs:
+            (name, kind, details), (_, reference_kind, reference_details) = ours, theirs
             raise ValueError(
-                f"parent {index}'s architecture differs from parent 0's at module '{ours[0] or '(root)'}': "
-                f"{ours[1].__name__}({ours[2]}) vs {theirs[1].__name__}({theirs[2]}) at '{theirs[0] or '(root)'}'"
+                f"parent {index}'s architecture differs from parent 0's at module '{name or '(root)'}': "
+                f"{kind.__name__}({details}) vs {reference_kind.__name__}({reference_details})"
             )
     if len(modules) != len(reference):
         raise ValueError(f"parent {index} has {len(modules)} modules; parent 0 has {len(reference)}")
@@ -91,13 +95,17 @@ def resolve_weights(weights: object, num_parents: int, num_classes: int) -> Pare
     """
     if weights is None:
         uniform = torch.full((num_parents,), 1.0, dtype=torch.float64)
-        return ParentWeights(uniform, torch.full((num_parents, num_classes), 1.0 / num_parents, dtype=torch.float64))
+        return ParentWeights(
+            uniform, torch.full((num_parents, num_classes), 1.0 / num_parents, dtype=torch.float64)
+        )
     try:
         array = torch.as_tensor(np.asarray(weights, dtype=np.float64))
     except (TypeError, ValueError) as error:
         raise ValueError(f"weights must be numbers, shaped [K] or [K, C]: {error}") from None
     if array.dim() not in (1, 2) or array.shape[0] != num_parents:
-        raise ValueError(f"weights must have shape [{num_parents}] or [{num_parents}, C]; got {tuple(array.shape)}")
+        raise ValueError(
+            f"weights must have shape [{num_parents}] or [{num_parents}, C]; got {tuple(array.shape)}"
+        )
     if array.dim() == 2 and array.shape[1] != num_classes:
         raise ValueError(
             f"per-class weights have {array.shape[1]} columns; the output layer has {num_classes} neurons"
@@ -107,7 +115,9 @@ def resolve_weights(weights: object, num_parents: int, num_classes: int) -> Pare
     per_parent = array if array.dim() == 1 else array.sum(dim=1)
     zero = torch.nonzero(per_parent == 0).flatten()
     if len(zero):
-        raise ValueError(f"weights of parent {int(zero[0])} are 0: a parent of weight 0 adds nothing; leave it out")
+        raise ValueError(
+            f"weights of parent {int(zero[0])} are 0: a parent of weight 0 adds nothing; leave it out"
+        )
     if array.dim() == 1:
         classes = (per_parent / per_parent.sum()).unsqueeze(1).expand(num_parents, num_classes).clone()
     else:

@@ -1,0 +1,169 @@
+"""The public behaviour of `fuse`: its inputs, outputs, report and reproducibility."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedfuse import FusionConfig, FusionReport, fuse
+from fedfuse.fusion.grouping import _embedding
+
+
+def cnn_bn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 12), nn.ReLU(), nn.Linear(12, 4),
+    )  # fmt: skip
+
+
+def independent_parents(count: int) -> list[nn.Module]:
+    parents = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        parents.append(cnn_bn().eval())
+    return parents
+
+
+INPUTS = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+LABELS = torch.randint(0, 4, (96,), generator=torch.Generator().manual_seed(8))
+
+
+def test_same_seed_gives_bit_identical_fused_weights() -> None:
+    config = FusionConfig(importance="gradient_x_activation", seed=3)
+    first = fuse(independent_parents(3), (INPUTS, LABELS), config).model.state_dict()
+    second = fuse(independent_parents(3), (INPUTS, LABELS), config).model.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_fused_model_keeps_parent_zeros_architecture_keys_and_dtypes() -> None:
+    parents = [p.double() for p in independent_parents(2)]
+    fused = fuse(parents, INPUTS.double()).model
+    assert type(fused) is type(parents[0]) and str(fused) == str(parents[0])
+    reference = parents[0].state_dict()
+    state = fused.state_dict()
+    assert list(state) == list(reference)
+    assert all(state[k].dtype == reference[k].dtype and state[k].shape == reference[k].shape for k in state)
+
+
+def test_fusing_one_model_returns_an_equal_copy() -> None:
+    parent = independent_parents(1)[0]
+    result = fuse([parent], INPUTS)
+    assert result.model is not parent
+    assert all(
+        torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), parent.state_dict().values())
+    )
+    assert result.report.parents == 1 and result.report.levels == ()
+
+
+@pytest.mark.parametrize(
+    "calibration",
+    [
+        (INPUTS, LABELS),
+        DataLoader(TensorDataset(INPUTS, LABELS), batch_size=10),
+        [(INPUTS[i : i + 40], LABELS[i : i + 40]) for i in range(0, 96, 40)],
+    ],
+    ids=["pair", "dataloader", "list-of-batches"],
+)
+def test_every_calibration_form_and_batching_gives_the_same_fusion(calibration: object) -> None:
+    """Statistics are sums over rows, so how the calibration set is batched changes only round-off."""
+    config = FusionConfig(importance="gradient_x_activation", batch_size=32)
+    reference = fuse(independent_parents(2), (INPUTS, LABELS), config).model
+    fused = fuse(independent_parents(2), calibration, config).model
+    with torch.no_grad():
+        assert torch.allclose(fused(INPUTS), reference(INPUTS), atol=1e-6, rtol=1e-5)
+
+
+def test_inputs_alone_work_and_attributions_then_target_each_parents_own_prediction() -> None:
+    result = fuse(independent_parents(2), INPUTS, FusionConfig(importance="conductance"))
+    assert result.report.calibration_samples == 96
+
+
+def test_the_report_prints_a_table_and_converts_to_a_json_ready_dict() -> None:
+    report = fuse(independent_parents(3), INPUTS, FusionConfig(seed=5)).report
+    assert isinstance(report, FusionReport)
+    assert [level.name for level in report.levels] == ["0", "5", "7"]
+    assert [level.grouping for level in report.levels] == ["kmeans", "kmeans", "index"]
+    assert report.levels[0].rows == 96 * 6 * 6 and report.levels[0].fan_in == 9 + 1
+    assert all(0 <= level.grouping_cost and level.fit_r2 <= 1 for level in report.levels)
+    assert set(report.levels[0].seconds) == {"statistics", "importance", "grouping", "solve"}
+    table = str(report)
+    assert "fused 3 parents on 96 calibration samples" in table and "fit R2" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["config"]["seed"] == 5 and len(data["levels"]) == 3 and "mean_fit_r2" in data
+
+
+def test_per_class_weights_take_each_class_from_the_parents_that_hold_it() -> None:
+    """Two parents share their hidden layers but not their heads; with label counts saying parent 0 alone
+    holds classes 0-1 and parent 1 alone classes 2-3, each fused logit is its holder's logit."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+    parents = [nn.Sequential(copy.deepcopy(body), nn.Linear(16, 4)) for _ in range(2)]
+    label_counts = [[50, 30, 0, 0], [0, 0, 20, 70]]
+    calibration = torch.randn(200, 5)
+    fused = fuse(parents, calibration, FusionConfig(ridge=0.0), weights=label_counts).model
+    with torch.no_grad():
+        out, first, second = fused(calibration), parents[0](calibration), parents[1](calibration)
+    assert torch.allclose(out[:, :2], first[:, :2], atol=1e-4)
+    assert torch.allclose(out[:, 2:], second[:, 2:], atol=1e-4)
+
+
+def test_kmeans_on_the_gram_embedding_equals_kmeans_on_the_raw_neuron_vectors() -> None:
+    """The embedding keeps every pairwise distance, so k-means finds the same groups as on the vectors."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 30, dtype=torch.float64, generator=generator)
+    points = _embedding(z.T @ z)
+    exact = "donot_use_mm_for_euclid_dist"
+    distances = torch.cdist(torch.as_tensor(points), torch.as_tensor(points), compute_mode=exact)
+    assert torch.allclose(distances, torch.cdist(z.T, z.T, compute_mode=exact), atol=1e-8)
+    weights = np.linspace(0.5, 2.0, 30)
+    raw = KMeans(8, n_init=3, random_state=0).fit(z.T.numpy(), sample_weight=weights)
+    embedded = KMeans(8, n_init=3, random_state=0).fit(points, sample_weight=weights)
+    assert embedded.inertia_ == pytest.approx(raw.inertia_, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_fusing_independently_trained_classifiers_beats_plain_averaging_by_a_wide_margin() -> None:
+    """Real data: four MLPs from different random inits, each trained on a label-skewed quarter of the
+    digits; averaging their weights collapses, fusion keeps most of what they learned."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    x_eval, y_eval, x_cal, y_cal, x_pool, y_pool = x[:400], y[:400], x[400:700], y[400:700], x[700:], y[700:]
+    parents = []
+    for client in range(4):
+        keep = (y_pool % 4 == client) | (
+            torch.rand(len(y_pool), generator=torch.Generator().manual_seed(client)) < 0.3
+        )
+        torch.manual_seed(100 + client)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(60):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x_pool[keep]), y_pool[keep]).backward()
+            optimiser.step()
+        parents.append(model.eval())
+
+    def accuracy(model: nn.Module) -> float:
+        with torch.no_grad():
+            return (model(x_eval).argmax(1) == y_eval).float().mean().item()
+
+    averaged = copy.deepcopy(parents[0])
+    averaged.load_state_dict(
+        {k: torch.stack([p.state_dict()[k] for p in parents]).mean(0) for k in averaged.state_dict()}
+    )
+    fused = fuse(parents, (x_cal, y_cal), FusionConfig(importance="conductance")).model
+    mean_parent = sum(accuracy(p) for p in parents) / len(parents)
+    seen = f"mean parent {mean_parent:.3f}, averaged {accuracy(averaged):.3f}, fused {accuracy(fused):.3f}"
+    assert accuracy(fused) > accuracy(averaged) + 0.3, seen
+    assert accuracy(fused) > mean_parent, seen
