@@ -156,7 +156,7 @@ class _LevelFusion:
                 f"level '{level.name}': {stats.rows} calibration rows for a fan-in of {fan_in}; the fit is "
                 f"underdetermined and the ridge ({self.config.ridge}) keeps it well-posed. A larger "
                 "calibration set fits better.",
-                stacklevel=3,
+                stacklevel=4,  # the caller of fuse()
             )
         fit = fit_level(stats, shares.to(self.device), self.config.ridge, with_bias)
         write_level(layer, norm, fit)

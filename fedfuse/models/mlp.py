@@ -1,0 +1,55 @@
+"""A multi-layer perceptron that takes images (it flattens them first)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Flatten → [Linear → (BatchNorm1d) → ReLU → (Dropout)] per hidden width → Linear.
+
+    A flat `nn.Sequential` of the kinds the fusion engine understands, so that each Linear is one
+    fusion level. Input: any tensor [N, *] with ``in_features`` values per sample (an image
+    [N, C, H, W] with C·H·W = ``in_features``). Output: logits [N, num_classes].
+
+    Args:
+        in_features: values per sample after flattening (C·H·W for images).
+        num_classes: output logits.
+        hidden: widths of the hidden layers, input side first; empty for a linear model.
+        batch_norm: put a BatchNorm1d directly after each hidden Linear.
+        dropout: dropout probability after each hidden activation; 0 leaves Dropout out.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (128, 64),
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        _check_positive("in_features", in_features)
+        _check_positive("num_classes", num_classes)
+        for width in hidden:
+            _check_positive("hidden width", width)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width_in = in_features
+        for width in hidden:
+            layers.append(nn.Linear(width_in, width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU())
+            if dropout > 0.0:
+                layers.append(nn.Dropout(dropout))
+            width_in = width
+        layers.append(nn.Linear(width_in, num_classes))
+        super().__init__(*layers)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MLP {name} must be a positive int, got {value!r}")

@@ -1,0 +1,1 @@
+"""Simulations comparing FedFuse with FedAvg: data, partitioning, local training, baselines, demos."""
