@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fedfuse.models.mlp import check_positive, dense_layers
+
 KERNEL_SIZE = 5
 PADDING = 2  # "same" padding for a 5x5 kernel: a convolution keeps the spatial size, only pooling halves it
 POOL = 2
@@ -44,11 +46,11 @@ class LeNet(nn.Sequential):
             ("num_classes", num_classes),
             ("image_size", image_size),
         ):
-            _check_positive(name, value)
+            check_positive("LeNet", name, value)
         if not channels:
             raise ValueError("LeNet needs at least one convolution block; channels is empty")
-        for width in (*channels, *hidden):
-            _check_positive("channel count or hidden width", width)
+        for width in channels:
+            check_positive("LeNet", "channel count", width)
         side = image_size // POOL ** len(channels)
         if side < 1:
             raise ValueError(
@@ -64,17 +66,5 @@ class LeNet(nn.Sequential):
             layers += [nn.ReLU(), nn.MaxPool2d(POOL)]
             width_in = width
         layers.append(nn.Flatten())
-        width_in = channels[-1] * side * side
-        for width in hidden:
-            layers.append(nn.Linear(width_in, width))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(nn.ReLU())
-            width_in = width
-        layers.append(nn.Linear(width_in, num_classes))
+        layers += dense_layers(channels[-1] * side * side, hidden, num_classes, batch_norm)
         super().__init__(*layers)
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LeNet {name} must be a positive int, got {value!r}")

@@ -30,26 +30,33 @@ class MLP(nn.Sequential):
         batch_norm: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        _check_positive("in_features", in_features)
-        _check_positive("num_classes", num_classes)
-        for width in hidden:
-            _check_positive("hidden width", width)
+        check_positive("MLP", "in_features", in_features)
+        check_positive("MLP", "num_classes", num_classes)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MLP dropout must be in [0, 1), got {dropout}")
-        layers: list[nn.Module] = [nn.Flatten()]
-        width_in = in_features
-        for width in hidden:
-            layers.append(nn.Linear(width_in, width))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(nn.ReLU())
-            if dropout > 0.0:
-                layers.append(nn.Dropout(dropout))
-            width_in = width
-        layers.append(nn.Linear(width_in, num_classes))
-        super().__init__(*layers)
+        super().__init__(nn.Flatten(), *dense_layers(in_features, hidden, num_classes, batch_norm, dropout))
 
 
-def _check_positive(name: str, value: int) -> None:
+def dense_layers(
+    in_features: int, hidden: Sequence[int], num_classes: int, batch_norm: bool = False, dropout: float = 0.0
+) -> list[nn.Module]:
+    """[Linear → (BatchNorm1d) → ReLU → (Dropout)] per hidden width, then Linear to the logits: the MLP,
+    and LeNet's head."""
+    layers: list[nn.Module] = []
+    width_in = in_features
+    for width in hidden:
+        check_positive("dense", "hidden width", width)
+        layers.append(nn.Linear(width_in, width))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        if dropout > 0.0:
+            layers.append(nn.Dropout(dropout))
+        width_in = width
+    layers.append(nn.Linear(width_in, num_classes))
+    return layers
+
+
+def check_positive(owner: str, name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"MLP {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{owner} {name} must be a positive int, got {value!r}")
