@@ -1,0 +1,359 @@
+"""FedFuse: FedAvg with neuron-interpolation fusion in place of weight averaging.
+
+Paper: Luenam, Spanopoulos et al., 2025 (model fusion by neuron interpolation).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fedfuse.fusion import FusionConfig, FusionResult, fuse
+from fedfuse.strategy.replies import (
+    ArraySpec,
+    InvalidReply,
+    TrainReply,
+    array_specs,
+    check_train_reply,
+)
+
+#: The server-side calibration data: inputs, an (inputs, labels) pair, or a re-iterable of batches.
+Calibration = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Iterable
+
+
+class FedFuse(FedAvg):
+    """Federated learning with neuron-interpolation fusion instead of weight averaging.
+
+    A drop-in replacement for `flwr.serverapp.strategy.FedAvg`: sampling, configuration, federated
+    evaluation and metric aggregation are FedAvg's; only ``aggregate_train`` differs. It turns every
+    valid client's ArrayRecord into a model built by ``model_fn``, fuses the models on the server's
+    calibration set (weighted by ``num-examples``, or per class by opt-in label counts) and returns
+    an ArrayRecord with the keys, shapes and dtypes of the global model the clients trained from.
+    Works one-shot (``num_rounds=1``) and over many rounds (fusion every round).
+
+    The calibration set stays on the server: it is never put in a message. Clients send what FedAvg
+    clients send (an ArrayRecord and a MetricRecord with ``num-examples``); per-class example counts
+    under ``label_counts_key`` are an opt-in extra.
+
+    A bad reply (an error, no or several ArrayRecords, missing or extra keys, wrong shape or dtype,
+    NaN/Inf, a missing or non-positive ``num-examples``, malformed label counts) leaves that client out
+    with a warning naming its node id and the reason. With fewer valid clients than
+    ``min_train_nodes``, or when fusion fails or times out, the round keeps the previous global model
+    (``aggregate_train`` returns no arrays) with a warning; nothing raises out of ``start()``.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], nn.Module]
+        Builds a model of the federation's architecture (an ``nn.Sequential`` the fusion engine
+        supports). Each client's arrays are loaded into a fresh one; its state_dict keys must be the
+        ArrayRecord's keys.
+    calibration : Tensor | tuple[Tensor, Tensor] | Iterable
+        Server-side calibration data: inputs ``[N, ...]``, an ``(inputs, labels)`` pair (labels are the
+        attribution targets of importance scores), or a re-iterable of such batches (a DataLoader or a
+        list; not a generator, since every round reads it again).
+    fusion_config : FusionConfig, optional (default: None)
+        How to fuse; ``FusionConfig()`` when None.
+    label_counts_key : str (default: "label-counts")
+        The opt-in MetricRecord key under which clients may report per-class example counts (a list
+        of length num_classes). Used, to weight the output layer per class, only when every fused
+        client reports them; otherwise parents are weighted by ``weighted_by_key``.
+    fusion_timeout : float or None (default: 3600)
+        Seconds one fusion may take. A fusion still running then is abandoned (it finishes in a
+        background thread and its result is dropped) and the round keeps the previous global model.
+        None waits without limit.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
+    weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn,
+    evaluate_metrics_aggr_fn
+        As in `FedAvg`. ``weighted_by_key`` ("num-examples") gives the parents' weights;
+        ``min_train_nodes`` is also the fewest valid replies a round fuses.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-locals
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        calibration: Calibration,
+        fusion_config: FusionConfig | None = None,
+        *,
+        label_counts_key: str = "label-counts",
+        fusion_timeout: float | None = 3600.0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be a callable that builds a model, got {type(model_fn).__name__}")
+        if isinstance(calibration, Iterator):
+            raise TypeError(
+                "calibration must be re-iterable (a tensor, an (inputs, labels) pair, a list of batches or "
+                "a DataLoader), not an iterator or generator: fusion reads it again every round"
+            )
+        if fusion_config is not None and not isinstance(fusion_config, FusionConfig):
+            raise TypeError(f"fusion_config must be a FusionConfig, got {type(fusion_config).__name__}")
+        if fusion_timeout is not None and not fusion_timeout > 0:
+            raise ValueError(
+                f"fusion_timeout must be a positive number of seconds or None, got {fusion_timeout}"
+            )
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        self.model_fn = model_fn
+        self.calibration = calibration
+        self.fusion_config = fusion_config if fusion_config is not None else FusionConfig()
+        self.label_counts_key = label_counts_key
+        self.fusion_timeout = fusion_timeout
+        # The global model sent out by the last configure_train: replies must match its keys, shapes
+        # and dtypes, and the fused model is returned in them.
+        self._sent: dict[str, ArraySpec] | None = None
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        config = self.fusion_config
+        log(INFO, "\t├──> FedFuse settings:")
+        log(INFO, "\t│\t├── Model: %s", getattr(self.model_fn, "__qualname__", repr(self.model_fn)))
+        log(INFO, "\t│\t├── Calibration (server-side only): %s", _describe(self.calibration))
+        log(
+            INFO,
+            "\t│\t├── Fusion: variant (%s) | grouping (%s) | importance (%s) | seed (%d)",
+            config.variant,
+            config.grouping,
+            config.importance,
+            config.seed,
+        )
+        log(
+            INFO,
+            "\t│\t├── Fit: ridge (%g) | batch size (%d) | k-means: restarts (%d), iterations (%d)",
+            config.ridge,
+            config.batch_size,
+            config.kmeans_n_init,
+            config.kmeans_max_iter,
+        )
+        log(INFO, "\t│\t├── Label counts key (opt-in): '%s'", self.label_counts_key)
+        log(
+            INFO,
+            "\t│\t└── Fusion timeout: %s",
+            "none" if self.fusion_timeout is None else f"{self.fusion_timeout:g} s",
+        )
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of training, as FedAvg does; remember the model sent out."""
+        self._sent = array_specs(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Fuse the valid replies' models; leave out bad replies; keep the previous model on failure."""
+        replies = list(replies)
+        reference = self._sent if self._sent is not None else self._model_fn_specs()
+        valid: list[TrainReply] = []
+        for message in replies:
+            try:
+                valid.append(
+                    check_train_reply(
+                        message,
+                        reference,
+                        weighted_by_key=self.weighted_by_key,
+                        label_counts_key=self.label_counts_key,
+                    )
+                )
+            except InvalidReply as error:
+                log(
+                    WARNING,
+                    "aggregate_train: node %s is left out: %s",
+                    message.metadata.src_node_id,
+                    error.reason,
+                )
+            except (
+                Exception
+            ) as error:  # e.g. neither content nor error: Flower's Message raises on reading it
+                log(
+                    WARNING,
+                    "aggregate_train: node %s is left out: unreadable reply (%s: %s)",
+                    message.metadata.src_node_id,
+                    type(error).__name__,
+                    error,
+                )
+        # The parents' order steers k-means. Replies arrive in any order and node ids change from run to
+        # run, so order by content: the same client models give the same fused model.
+        valid.sort(key=lambda reply: reply.fingerprint)
+        rejected = len(replies) - len(valid)
+        log(INFO, "aggregate_train: Received %s valid results and %s rejected", len(valid), rejected)
+
+        metrics = self._client_metrics(valid)
+        metrics["fusion-rejected"] = rejected
+        metrics["fusion-clients"] = 0
+        needed = max(1, self.min_train_nodes)
+        if len(valid) < needed:
+            log(
+                WARNING,
+                "aggregate_train: %d valid replies, fewer than the %d needed (min_train_nodes); "
+                "keeping the previous global model",
+                len(valid),
+                needed,
+            )
+            return None, metrics
+
+        started = time.perf_counter()
+        try:
+            result = self._fuse(valid)
+            arrays = _to_arrayrecord(result.model, reference)
+        except Exception as error:  # pylint: disable=broad-except
+            log(
+                WARNING,
+                "aggregate_train: fusing %d clients failed (%s: %s); keeping the previous global model",
+                len(valid),
+                type(error).__name__,
+                error,
+            )
+            metrics["fusion-seconds"] = time.perf_counter() - started
+            return None, metrics
+        metrics["fusion-clients"] = len(valid)
+        metrics["fusion-seconds"] = time.perf_counter() - started
+        metrics["fusion-mean-fit-r2"] = result.report.mean_fit_r2
+        log(
+            INFO,
+            "aggregate_train: fused %d clients in %.2f s, mean fit R2 %.4f",
+            len(valid),
+            metrics["fusion-seconds"],
+            result.report.mean_fit_r2,
+        )
+        return arrays, metrics
+
+    def _model_fn_specs(self) -> dict[str, ArraySpec]:
+        """The reference when ``aggregate_train`` runs without ``configure_train`` (a custom loop)."""
+        return array_specs(ArrayRecord(self.model_fn().state_dict()))
+
+    def _client_metrics(self, valid: list[TrainReply]) -> MetricRecord:
+        """The clients' own training metrics, aggregated as FedAvg does; empty if they do not aggregate."""
+        if not valid:
+            return MetricRecord()
+        try:
+            metrics = self.train_metrics_aggr_fn([reply.content for reply in valid], self.weighted_by_key)
+        except Exception as error:  # pylint: disable=broad-except
+            log(
+                WARNING,
+                "aggregate_train: the clients' MetricRecords could not be aggregated (%s: %s); "
+                "reporting fusion metrics only",
+                type(error).__name__,
+                error,
+            )
+            return MetricRecord()
+        # A weighted mean of label counts means nothing; the counts served the fusion.
+        metrics.pop(self.label_counts_key, None)
+        return metrics
+
+    def _fuse(self, valid: list[TrainReply]) -> FusionResult:
+        """Build one model per client and fuse them, within ``fusion_timeout``."""
+        parents = []
+        for reply in valid:
+            model = self.model_fn()
+            model.load_state_dict({key: torch.from_numpy(array) for key, array in reply.arrays.items()})
+            parents.append(model)
+        weights = self._weights(valid)
+        if self.fusion_timeout is None:
+            return fuse(parents, self.calibration, config=self.fusion_config, weights=weights)
+        return _call_with_timeout(
+            lambda: fuse(parents, self.calibration, config=self.fusion_config, weights=weights),
+            self.fusion_timeout,
+        )
+
+    def _weights(self, valid: list[TrainReply]) -> list[float] | np.ndarray:
+        """Per-class label counts ``[K, C]`` when every client sent them alike, else ``num-examples``."""
+        counts = [reply.label_counts for reply in valid]
+        if all(c is None for c in counts):
+            return [reply.num_examples for reply in valid]
+        if any(c is None for c in counts) or len({len(c) for c in counts}) != 1:
+            reported = {
+                reply.node_id: None if c is None else len(c) for reply, c in zip(valid, counts, strict=True)
+            }
+            log(
+                WARNING,
+                "aggregate_train: '%s' is not reported alike by every client (node: number of classes, "
+                "%s); weighting clients by '%s' instead",
+                self.label_counts_key,
+                reported,
+                self.weighted_by_key,
+            )
+            return [reply.num_examples for reply in valid]
+        return np.stack(counts)
+
+
+def _call_with_timeout(function: Callable[[], FusionResult], timeout: float) -> FusionResult:
+    """Run ``function`` in a daemon thread and wait at most ``timeout`` seconds for it.
+
+    Python cannot stop a thread; an overdue fusion is abandoned to finish in the background (a daemon
+    thread, so it never holds up the interpreter's exit) and its result is dropped.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = function()
+        except BaseException as error:  # handed to the caller's thread, which decides
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="fedfuse-fusion", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"fusion did not finish within {timeout:g} s (fusion_timeout); it was abandoned")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
+
+
+def _to_arrayrecord(model: nn.Module, reference: dict[str, ArraySpec]) -> ArrayRecord:
+    """The fused model in exactly the reference's keys, order and dtypes (cast back if needed).
+
+    The fused model has ``model_fn``'s dtypes, which may differ from what the clients sent; a fused
+    array that is not finite (a degenerate fit) is refused rather than sent to every client.
+    """
+    state = model.state_dict()
+    arrays = {}
+    for key, spec in reference.items():
+        array = state[key].detach().cpu().numpy()
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise ValueError(f"the fused array '{key}' holds NaN or Inf")
+        arrays[key] = Array(np.ascontiguousarray(array.astype(spec.dtype, copy=False)))
+    return ArrayRecord(arrays)
+
+
+def _describe(calibration: Calibration) -> str:
+    """A one-line description of the calibration data for ``summary()``: its size, never its content."""
+    if isinstance(calibration, torch.Tensor):
+        return f"{len(calibration)} inputs of shape {list(calibration.shape[1:])}"
+    if isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], torch.Tensor):
+        return f"{len(calibration[0])} labelled inputs of shape {list(calibration[0].shape[1:])}"
+    return f"batches from a {type(calibration).__name__}"

@@ -1,0 +1,168 @@
+"""Checking one client's training reply before it is fused.
+
+Flower's own check (``FedAvg._check_and_log_replies``) raises when a single reply is malformed, which
+ends the whole ServerApp. Fusion has to survive one bad client, so every reply is checked here on its
+own: a bad reply raises `InvalidReply` with a reason, the strategy leaves that client out and fuses the
+rest. The checks run on what Flower decoded from the wire, before any model is built, so that a client
+cannot make the server fuse, or crash on, arrays that do not fit the global model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+_Record = TypeVar("_Record")
+
+
+class InvalidReply(ValueError):
+    """A training reply that cannot be fused; ``reason`` says why, for the warning that names the node."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """The shape and dtype that one array of a reply must have: those of the global model's array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A checked training reply, decoded.
+
+    Attributes:
+        node_id: the replying node.
+        arrays: the client's model, one array per key, in the order of the reference.
+        num_examples: the client's weight (the value of the strategy's ``weighted_by_key``).
+        label_counts: the client's opt-in per-class example counts, float64 [C], or None.
+        content: the reply's RecordDict, for the strategy's metric aggregation.
+    """
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: float
+    label_counts: np.ndarray | None
+    content: RecordDict
+
+    @property
+    def fingerprint(self) -> bytes:
+        """A digest of the model's values: an order of replies that depends on nothing but the models."""
+        digest = hashlib.sha256()
+        for array in self.arrays.values():
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.digest()
+
+
+def array_specs(record: ArrayRecord) -> dict[str, ArraySpec]:
+    """What every reply must match: each array's shape and dtype, read from the record's metadata."""
+    return {key: ArraySpec(tuple(array.shape), np.dtype(array.dtype)) for key, array in record.items()}
+
+
+def check_train_reply(
+    message: Message,
+    reference: Mapping[str, ArraySpec],
+    *,
+    weighted_by_key: str,
+    label_counts_key: str,
+) -> TrainReply:
+    """Decode and check one training reply against the global model it was trained from.
+
+    A reply is valid when it carries no error; exactly one ArrayRecord with exactly the reference's keys,
+    each array decodable, of the reference's shape and dtype and finite; and exactly one MetricRecord
+    with a positive, finite ``weighted_by_key``. ``label_counts_key`` is optional; when present it must
+    be a list of non-negative finite counts with a positive sum (its length is checked across clients by
+    the strategy, which knows them all).
+
+    Raises:
+        InvalidReply: the first problem found, worded to follow "node <id> is left out: ".
+    """
+    if message.has_error():
+        raise InvalidReply(f"it replied with an error (code {message.error.code}): {message.error.reason}")
+    content = message.content
+    arrays = _check_arrays(_only_record(content.array_records, "ArrayRecord"), reference)
+    metrics = _only_record(content.metric_records, "MetricRecord")
+    return TrainReply(
+        node_id=message.metadata.src_node_id,
+        arrays=arrays,
+        num_examples=_check_num_examples(metrics, weighted_by_key),
+        label_counts=_check_label_counts(metrics, label_counts_key),
+        content=content,
+    )
+
+
+def _only_record(records: Mapping[str, _Record], kind: str) -> _Record:
+    """The single record of a kind; FedAvg's clients send exactly one of each, and so must ours."""
+    if len(records) != 1:
+        found = f"{len(records)} ({', '.join(map(repr, records))})" if records else "none"
+        raise InvalidReply(f"its reply must carry exactly one {kind}, found {found}")
+    return next(iter(records.values()))
+
+
+def _check_arrays(record: ArrayRecord, reference: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
+    missing = [key for key in reference if key not in record]
+    if missing:
+        raise InvalidReply(f"its ArrayRecord misses {_names(missing)}")
+    extra = [key for key in record if key not in reference]
+    if extra:
+        raise InvalidReply(f"its ArrayRecord has unexpected {_names(extra)}")
+    arrays = {}
+    for key, spec in reference.items():
+        try:
+            array = record[key].numpy()
+        except Exception as error:  # corrupt bytes, an unknown serialisation: anything numpy refuses
+            raise InvalidReply(
+                f"array '{key}' cannot be decoded ({type(error).__name__}: {error})"
+            ) from error
+        if tuple(array.shape) != spec.shape:
+            raise InvalidReply(f"array '{key}' has shape {tuple(array.shape)}, expected {spec.shape}")
+        if array.dtype != spec.dtype:
+            raise InvalidReply(f"array '{key}' has dtype {array.dtype}, expected {spec.dtype}")
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise InvalidReply(f"array '{key}' holds NaN or Inf")
+        arrays[key] = array
+    return arrays
+
+
+def _check_num_examples(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise InvalidReply(f"its MetricRecord has no '{key}'")
+    value = metrics[key]
+    if isinstance(value, list) or not math.isfinite(value) or value <= 0:
+        raise InvalidReply(f"'{key}' must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_label_counts(metrics: MetricRecord, key: str) -> np.ndarray | None:
+    if key not in metrics:
+        return None
+    value = metrics[key]
+    counts = np.asarray(value, dtype=np.float64) if isinstance(value, list) else None
+    if (
+        counts is None
+        or counts.size == 0
+        or not np.isfinite(counts).all()
+        or (counts < 0).any()
+        or counts.sum() <= 0
+    ):
+        raise InvalidReply(
+            f"'{key}' must be a list of non-negative finite counts with a positive sum, got {value!r}"
+        )
+    return counts
+
+
+def _names(keys: list[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 2 more``: enough to find the problem without flooding the log."""
+    names = ", ".join(repr(key) for key in keys[:shown])
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} array{'s' if len(keys) > 1 else ''}: {names}{more}"

@@ -1,0 +1,1 @@
+"""A Flower app that trains one model over a federation with FedFuse (or FedAvg, to compare)."""

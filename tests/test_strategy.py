@@ -1,0 +1,567 @@
+"""FedFuse, the Flower strategy: fusion of valid replies, faults, metrics, dtypes, determinism, start().
+
+Replies are faked with ``Mock(spec=Message)``, as Flower's own strategy tests do: a real ``Message``
+can only be built inside a running app. The tests of ``start()`` run it against a fake Grid that
+plays the clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from unittest.mock import Mock, PropertyMock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+import fedfuse.strategy.fedfuse as fedfuse_module
+from fedfuse import FedFuse, FusionConfig, fuse
+
+FEATURES, HIDDEN, CLASSES = 8, 12, 3
+
+
+def make_net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well-separated Gaussian blobs: a task any client learns in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.eye(CLASSES, FEATURES) * 4.0
+    y = torch.randint(0, CLASSES, (n,), generator=generator)
+    return centres[y] + torch.randn(n, FEATURES, generator=generator), y
+
+
+def trained_state(seed: int, start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A client's model after local training on its own blob sample (from ``start``, or fresh)."""
+    torch.manual_seed(seed)
+    model = make_net()
+    if start is not None:
+        model.load_state_dict(start)
+    x, y = blobs(96, seed=100 + seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+def reply(
+    node_id: int,
+    state: dict[str, torch.Tensor] | ArrayRecord | None,
+    metrics: dict | None = None,
+    *,
+    error: str | None = None,
+    extra_records: dict | None = None,
+) -> Mock:
+    """A fake training reply as a ClientApp sends it: ``{"arrays": ..., "metrics": ...}``."""
+    message = Mock(spec=Message)
+    message.metadata.src_node_id = node_id
+    message.has_error.return_value = error is not None
+    message.error = Mock(code=0, reason=error)
+    content = {}
+    if state is not None:
+        content["arrays"] = state if isinstance(state, ArrayRecord) else ArrayRecord(state)
+    content["metrics"] = MetricRecord(
+        {"num-examples": 100, "train-loss": 0.5} if metrics is None else metrics
+    )
+    content.update(extra_records or {})
+    message.content = RecordDict(content)
+    return message
+
+
+@pytest.fixture(scope="module")
+def calibration() -> tuple[torch.Tensor, torch.Tensor]:
+    return blobs(120, seed=7)
+
+
+@pytest.fixture(scope="module")
+def client_states() -> list[dict[str, torch.Tensor]]:
+    return [trained_state(seed) for seed in range(3)]
+
+
+@pytest.fixture
+def strategy(calibration) -> FedFuse:
+    return FedFuse(model_fn=make_net, calibration=calibration, fusion_config=FusionConfig(seed=0))
+
+
+@pytest.fixture
+def flwr_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="flwr")
+    return caplog
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "flwr" and r.levelno == logging.WARNING]
+
+
+def accuracy(record: ArrayRecord, x: torch.Tensor, y: torch.Tensor) -> float:
+    model = make_net()
+    model.load_state_dict(record.to_torch_state_dict())
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+# --- the drop-in swap ------------------------------------------------------------------------------
+
+
+def test_fedfuse_is_a_fedavg_importable_from_the_package_and_takes_every_fedavg_argument(calibration):
+    strategy = FedFuse(
+        make_net,
+        calibration,
+        fraction_train=0.5,
+        fraction_evaluate=0.25,
+        min_train_nodes=3,
+        min_evaluate_nodes=4,
+        min_available_nodes=5,
+        weighted_by_key="n",
+        arrayrecord_key="model",
+        configrecord_key="cfg",
+    )
+    assert isinstance(strategy, FedAvg)
+    assert (strategy.fraction_train, strategy.fraction_evaluate) == (0.5, 0.25)
+    assert (strategy.min_train_nodes, strategy.min_evaluate_nodes, strategy.min_available_nodes) == (3, 4, 5)
+    assert (strategy.weighted_by_key, strategy.arrayrecord_key, strategy.configrecord_key) == (
+        "n",
+        "model",
+        "cfg",
+    )
+    assert strategy.fusion_config == FusionConfig()
+
+
+def test_a_generator_as_calibration_is_refused_because_every_round_reads_it_again(calibration):
+    with pytest.raises(TypeError, match="re-iterable"):
+        FedFuse(make_net, (batch for batch in [calibration]))
+
+
+def test_summary_logs_the_fusion_configuration_and_then_fedavgs(strategy, flwr_log):
+    strategy.summary()
+    text = "\n".join(r.getMessage() for r in flwr_log.records)
+    assert "FedFuse settings" in text
+    assert "120 labelled inputs" in text
+    assert "grouping (kmeans)" in text and "importance (uniform)" in text
+    assert "'label-counts'" in text
+    assert "Minimum nodes: train (2)" in text  # FedAvg's part follows
+
+
+# --- valid replies ---------------------------------------------------------------------------------
+
+
+def test_valid_replies_are_fused_into_a_model_with_the_clients_keys_shapes_and_dtypes(
+    strategy, client_states
+):
+    replies = [reply(node, state) for node, state in zip([11, 12, 13], client_states, strict=True)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None
+    sent = ArrayRecord(client_states[0])
+    assert list(arrays.keys()) == list(sent.keys())
+    for key in sent:
+        assert arrays[key].shape == sent[key].shape
+        assert arrays[key].dtype == sent[key].dtype
+        assert np.isfinite(arrays[key].numpy()).all()
+    assert metrics["fusion-clients"] == 3 and metrics["fusion-rejected"] == 0
+
+
+def test_the_fused_model_classifies_as_well_as_the_clients_did(strategy, client_states, calibration):
+    x, y = blobs(300, seed=99)
+    arrays, _ = strategy.aggregate_train(1, [reply(n, s) for n, s in enumerate(client_states)])
+    client_accuracies = [accuracy(ArrayRecord(state), x, y) for state in client_states]
+    assert min(client_accuracies) > 0.9
+    assert accuracy(arrays, x, y) > 0.9
+
+
+def values(state: dict[str, torch.Tensor]) -> bytes:
+    return b"".join(tensor.numpy().tobytes() for tensor in state.values())
+
+
+def test_the_result_is_the_engines_fusion_of_the_client_models_each_weighted_by_its_num_examples(
+    strategy, client_states, calibration, monkeypatch
+):
+    calls = spy_on_fuse(monkeypatch)
+    replies = [
+        reply(n, s, {"num-examples": w})
+        for n, s, w in zip([1, 2, 3], client_states, [10, 50, 40], strict=True)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    (call,) = calls
+    parents = {values(m.state_dict()): w for m, w in zip(call["models"], call["weights"], strict=True)}
+    assert parents == {values(s): w for s, w in zip(client_states, [10.0, 50.0, 40.0], strict=True)}
+    expected = fuse(call["models"], calibration, config=FusionConfig(seed=0), weights=call["weights"]).model
+    for key, tensor in expected.state_dict().items():
+        np.testing.assert_array_equal(arrays[key].numpy(), tensor.numpy())
+
+
+def test_the_metrics_report_clients_fused_and_rejected_fusion_seconds_fit_quality_and_client_metrics(
+    strategy, client_states
+):
+    replies = [reply(n, s, {"num-examples": 100, "train-loss": 0.1 * n}) for n, s in enumerate(client_states)]
+    replies.append(reply(9, None))
+    _, metrics = strategy.aggregate_train(1, replies)
+
+    assert metrics["fusion-clients"] == 3
+    assert metrics["fusion-rejected"] == 1
+    assert metrics["fusion-seconds"] > 0
+    assert 0 < metrics["fusion-mean-fit-r2"] <= 1
+    assert metrics["train-loss"] == pytest.approx(0.1)  # FedAvg's weighted mean of the clients' own metric
+    assert "num-examples" not in metrics
+
+
+def test_one_valid_client_is_returned_as_it_came(calibration, client_states):
+    strategy = FedFuse(make_net, calibration, min_train_nodes=1)
+    arrays, metrics = strategy.aggregate_train(1, [reply(5, client_states[0])])
+    for key, tensor in client_states[0].items():
+        np.testing.assert_array_equal(arrays[key].numpy(), tensor.numpy())
+    assert metrics["fusion-clients"] == 1
+
+
+def test_fusion_depends_on_the_client_models_only_not_on_reply_order_or_node_ids(calibration, client_states):
+    replies = [reply(n, s) for n, s in zip([30, 10, 20], client_states, strict=True)]
+    first, _ = FedFuse(make_net, calibration).aggregate_train(1, replies)
+    # Another run: other node ids (Flower draws them at random), replies arriving in another order.
+    other_run = [reply(n, s) for n, s in zip([7, 8, 9], client_states, strict=True)]
+    random.Random(1).shuffle(other_run)
+    second, _ = FedFuse(make_net, calibration).aggregate_train(1, other_run)
+    for key in first:
+        assert first[key].data == second[key].data
+
+
+# --- label counts (opt-in) -------------------------------------------------------------------------
+
+
+def spy_on_fuse(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    calls: list[dict] = []
+
+    def spy(models, calibration, config=None, weights=None):
+        calls.append({"parents": len(models), "models": list(models), "weights": weights})
+        return fuse(models, calibration, config=config, weights=weights)
+
+    monkeypatch.setattr(fedfuse_module, "fuse", spy)
+    return calls
+
+
+def test_label_counts_reported_by_every_client_weight_the_output_layer_per_class(
+    strategy, client_states, monkeypatch
+):
+    calls = spy_on_fuse(monkeypatch)
+    counts = [[50, 30, 20], [0, 10, 90], [33, 33, 34]]
+    replies = [
+        reply(n, s, {"num-examples": 100, "label-counts": c})
+        for n, (s, c) in enumerate(zip(client_states, counts, strict=True))
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+
+    (call,) = calls
+    assert isinstance(call["weights"], np.ndarray) and call["weights"].shape == (3, 3)
+    rows = {
+        values(m.state_dict()): row.tolist() for m, row in zip(call["models"], call["weights"], strict=True)
+    }
+    assert rows == {values(s): [float(n) for n in c] for s, c in zip(client_states, counts, strict=True)}
+    assert "label-counts" not in metrics  # served the fusion; a mean of counts would mean nothing
+
+
+def test_label_counts_from_only_some_clients_fall_back_to_num_examples_with_a_warning(
+    strategy, client_states, monkeypatch, flwr_log
+):
+    calls = spy_on_fuse(monkeypatch)
+    replies = [
+        reply(1, client_states[0], {"num-examples": 60, "label-counts": [20, 20, 20]}),
+        reply(2, client_states[1], {"num-examples": 40}),
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+
+    assert sorted(calls[0]["weights"]) == [40.0, 60.0]
+    assert metrics["fusion-clients"] == 2
+    assert any("'label-counts' is not reported alike" in w for w in warnings_of(flwr_log))
+
+
+# --- faults: the bad client is left out, the rest are fused ------------------------------------------
+
+
+def _without(state: dict, key: str) -> dict:
+    return {k: v for k, v in state.items() if k != key}
+
+
+def _nan_state(state: dict) -> dict:
+    bad = dict(state)
+    bad["0.weight"] = state["0.weight"].clone()
+    bad["0.weight"][0, 0] = float("nan")
+    return bad
+
+
+def _inf_state(state: dict) -> dict:
+    bad = dict(state)
+    bad["2.bias"] = state["2.bias"].clone()
+    bad["2.bias"][1] = float("inf")
+    return bad
+
+
+def _corrupt_record(state: dict) -> ArrayRecord:
+    record = ArrayRecord(state)
+    record["0.bias"] = Array(dtype="float32", shape=(HIDDEN,), stype="numpy.ndarray", data=b"not numpy")
+    return record
+
+
+def _without_content(state: dict) -> Mock:
+    """A reply neither with an error nor with content: Flower's Message raises on reading it."""
+    message = reply(4, state)
+    type(message).content = PropertyMock(side_effect=ValueError("Message content is None."))
+    return message
+
+
+BAD_REPLIES: dict[str, tuple[Callable[[dict], Mock], str]] = {
+    "error-reply": (lambda s: reply(4, None, error="CUDA out of memory"), "CUDA out of memory"),
+    "no-content": (_without_content, "unreadable reply (ValueError: Message content is None.)"),
+    "no-arrays": (lambda s: reply(4, None), "exactly one ArrayRecord, found none"),
+    "two-arrayrecords": (
+        lambda s: reply(4, s, extra_records={"other": ArrayRecord(s)}),
+        "exactly one ArrayRecord, found 2",
+    ),
+    "missing-key": (lambda s: reply(4, _without(s, "2.bias")), "misses 1 array: '2.bias'"),
+    "extra-key": (
+        lambda s: reply(4, {**s, "head.weight": torch.zeros(2)}),
+        "unexpected 1 array: 'head.weight'",
+    ),
+    "wrong-shape": (
+        lambda s: reply(4, {**s, "0.weight": torch.zeros(HIDDEN + 1, FEATURES)}),
+        f"'0.weight' has shape ({HIDDEN + 1}, {FEATURES}), expected ({HIDDEN}, {FEATURES})",
+    ),
+    "wrong-dtype": (
+        lambda s: reply(4, {**s, "0.weight": s["0.weight"].half()}),
+        "'0.weight' has dtype float16, expected float32",
+    ),
+    "nan-weights": (lambda s: reply(4, _nan_state(s)), "'0.weight' holds NaN or Inf"),
+    "inf-weights": (lambda s: reply(4, _inf_state(s)), "'2.bias' holds NaN or Inf"),
+    "undecodable-array": (lambda s: reply(4, _corrupt_record(s)), "'0.bias' cannot be decoded"),
+    "missing-num-examples": (lambda s: reply(4, s, {"train-loss": 0.3}), "has no 'num-examples'"),
+    "zero-num-examples": (lambda s: reply(4, s, {"num-examples": 0}), "'num-examples' must be a positive"),
+    "list-num-examples": (
+        lambda s: reply(4, s, {"num-examples": [1, 2]}),
+        "'num-examples' must be a positive",
+    ),
+    "no-metrics": (
+        lambda s: reply(4, s, extra_records={"metrics": ConfigRecord({"a": 1})}),
+        "exactly one MetricRecord, found none",
+    ),
+    "negative-label-counts": (
+        lambda s: reply(4, s, {"num-examples": 10, "label-counts": [5, -1, 6]}),
+        "'label-counts' must be a list of non-negative",
+    ),
+    "scalar-label-counts": (
+        lambda s: reply(4, s, {"num-examples": 10, "label-counts": 10}),
+        "'label-counts' must be a list of non-negative",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_REPLIES))
+def test_a_bad_client_is_left_out_with_a_warning_naming_its_node_and_reason_and_the_rest_are_fused(
+    fault, strategy, client_states, monkeypatch, flwr_log
+):
+    calls = spy_on_fuse(monkeypatch)
+    make_bad, reason = BAD_REPLIES[fault]
+    replies = [reply(1, client_states[0]), make_bad(client_states[2]), reply(2, client_states[1])]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None
+    assert calls[0]["parents"] == 2
+    assert metrics["fusion-clients"] == 2 and metrics["fusion-rejected"] == 1
+    left_out = [w for w in warnings_of(flwr_log) if "node 4 is left out" in w]
+    assert len(left_out) == 1 and reason in left_out[0], warnings_of(flwr_log)
+
+
+def test_fewer_valid_clients_than_min_train_nodes_keep_the_previous_model_with_a_warning(
+    calibration, client_states, flwr_log
+):
+    strategy = FedFuse(make_net, calibration, min_train_nodes=3)
+    replies = [reply(1, client_states[0]), reply(2, _nan_state(client_states[1])), reply(3, client_states[2])]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert arrays is None
+    assert metrics["fusion-clients"] == 0 and metrics["fusion-rejected"] == 1
+    assert any("fewer than the 3 needed" in w and "keeping the previous" in w for w in warnings_of(flwr_log))
+
+
+def test_no_replies_at_all_keep_the_previous_model(strategy, flwr_log):
+    arrays, metrics = strategy.aggregate_train(1, [])
+    assert arrays is None
+    assert metrics["fusion-clients"] == 0 and metrics["fusion-rejected"] == 0
+    assert any("0 valid replies" in w for w in warnings_of(flwr_log))
+
+
+def test_an_engine_error_keeps_the_previous_model_with_a_warning_instead_of_raising(
+    strategy, client_states, monkeypatch, flwr_log
+):
+    def rejecting_engine(*args, **kwargs):
+        raise ValueError("parent 1: parameter '0.weight' differs in shape")
+
+    monkeypatch.setattr(fedfuse_module, "fuse", rejecting_engine)
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, client_states[0]), reply(2, client_states[1])])
+
+    assert arrays is None
+    assert metrics["fusion-clients"] == 0
+    assert any("fusing 2 clients failed (ValueError: parent 1" in w for w in warnings_of(flwr_log))
+
+
+def test_a_fusion_past_its_timeout_is_abandoned_and_the_previous_model_kept(
+    calibration, client_states, monkeypatch, flwr_log
+):
+    def slow_engine(*args, **kwargs):
+        time.sleep(3)
+
+    monkeypatch.setattr(fedfuse_module, "fuse", slow_engine)
+    strategy = FedFuse(make_net, calibration, fusion_timeout=0.2)
+    started = time.perf_counter()
+    arrays, _ = strategy.aggregate_train(1, [reply(1, client_states[0]), reply(2, client_states[1])])
+
+    assert arrays is None
+    assert time.perf_counter() - started < 2
+    assert any("TimeoutError" in w and "within 0.2 s" in w for w in warnings_of(flwr_log))
+
+
+def test_a_fused_model_that_is_not_finite_is_not_sent_to_the_clients(
+    strategy, client_states, monkeypatch, flwr_log
+):
+    def degenerate_engine(models, calibration, config=None, weights=None):
+        result = fuse(models, calibration, config=config, weights=weights)
+        with torch.no_grad():
+            result.model[2].bias.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(fedfuse_module, "fuse", degenerate_engine)
+    arrays, _ = strategy.aggregate_train(1, [reply(1, client_states[0]), reply(2, client_states[1])])
+    assert arrays is None
+    assert any("the fused array '2.bias' holds NaN or Inf" in w for w in warnings_of(flwr_log))
+
+
+# --- start(): one-shot and multi-round runs against a fake grid ---------------------------------------
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """What a running ServerApp sets (as Flower's compat layer does) so that messages can be built."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+class FakeGrid:
+    """A Grid whose nodes answer training messages with ``client(node_id, received_state)``."""
+
+    def __init__(self, client: Callable[[int, dict[str, torch.Tensor]], Mock], node_ids=(101, 102, 103)):
+        self.grid = Mock(spec=Grid)
+        self.grid.get_node_ids.return_value = list(node_ids)
+        self.grid.send_and_receive.side_effect = self._send_and_receive
+        self.client = client
+        self.sent: list[Message] = []
+
+    def _send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent.extend(messages)
+        if messages and messages[0].metadata.message_type != "train":
+            return []  # no federated evaluation in these tests
+        return [
+            self.client(m.metadata.dst_node_id, m.content["arrays"].to_torch_state_dict()) for m in messages
+        ]
+
+
+def training_client(node_id: int, received: dict[str, torch.Tensor]) -> Mock:
+    return reply(node_id, trained_state(node_id, start=received))
+
+
+def test_a_one_shot_run_returns_the_fused_model(task_identity, calibration):
+    grid = FakeGrid(training_client)
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    torch.manual_seed(0)
+    result = strategy.start(grid=grid.grid, initial_arrays=ArrayRecord(make_net().state_dict()), num_rounds=1)
+
+    assert result.train_metrics_clientapp[1]["fusion-clients"] == 3
+    x, y = blobs(300, seed=99)
+    assert accuracy(result.arrays, x, y) > 0.9
+
+
+def test_the_calibration_set_never_leaves_the_server(task_identity, calibration):
+    grid = FakeGrid(training_client)
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    strategy.start(grid=grid.grid, initial_arrays=ArrayRecord(make_net().state_dict()), num_rounds=2)
+
+    calibration_bytes = calibration[0].numpy().tobytes()[:64]
+    for message in grid.sent:
+        assert set(message.content.keys()) == {"arrays", "config"}  # exactly what FedAvg sends
+        assert list(message.content["arrays"].keys()) == list(make_net().state_dict().keys())
+        assert all(calibration_bytes not in array.data for array in message.content["arrays"].values())
+
+
+def test_in_a_multi_round_run_the_next_round_starts_from_the_fused_model(task_identity, calibration):
+    received: list[dict[str, torch.Tensor]] = []  # three clients a round, in round order
+
+    def recording_client(node_id, state):
+        received.append(state)
+        return training_client(node_id, state)
+
+    grid = FakeGrid(recording_client)
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    fused_per_round: dict[int, ArrayRecord] = {}
+    original = strategy.aggregate_train
+
+    def recording_aggregate(server_round, replies):
+        arrays, metrics = original(server_round, replies)
+        fused_per_round[server_round] = arrays
+        return arrays, metrics
+
+    strategy.aggregate_train = recording_aggregate
+    result = strategy.start(grid=grid.grid, initial_arrays=ArrayRecord(make_net().state_dict()), num_rounds=3)
+
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    for round_ in (2, 3):
+        for state in received[3 * (round_ - 1) : 3 * round_]:
+            for key, tensor in fused_per_round[round_ - 1].to_torch_state_dict().items():
+                torch.testing.assert_close(state[key], tensor, rtol=0, atol=0)
+
+
+def test_a_federation_of_faulty_clients_survives_start_and_keeps_the_initial_model(
+    task_identity, calibration, flwr_log
+):
+    def faulty_client(node_id, state):
+        if node_id == 101:
+            return reply(node_id, None, error="client crashed")
+        return reply(node_id, _nan_state(state))
+
+    initial = ArrayRecord(make_net().state_dict())
+    grid = FakeGrid(faulty_client)
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    result = strategy.start(grid=grid.grid, initial_arrays=initial, num_rounds=2)
+
+    assert len(result.arrays) == 0  # no round produced a model (Flower's Result holds an empty record)
+    for message in grid.sent:  # so round 2 sent the initial model again
+        assert all(message.content["arrays"][k].data == initial[k].data for k in initial)
+    assert result.train_metrics_clientapp[2]["fusion-rejected"] == 3
+    warnings = warnings_of(flwr_log)
+    assert sum("node 101 is left out: it replied with an error" in w for w in warnings) == 2
+    assert sum("node 102 is left out: array '0.weight' holds NaN or Inf" in w for w in warnings) == 2
+
+
+def test_replies_are_checked_against_the_global_model_sent_not_against_model_fn(task_identity, calibration):
+    """A federation in float64: the model sent out defines the keys and dtypes, and comes back in them."""
+
+    def float64_client(node_id, state):
+        return reply(node_id, {k: v.double() for k, v in trained_state(node_id, start=state).items()})
+
+    initial = ArrayRecord({k: v.double() for k, v in make_net().state_dict().items()})
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    result = strategy.start(grid=FakeGrid(float64_client).grid, initial_arrays=initial, num_rounds=1)
+
+    assert result.train_metrics_clientapp[1]["fusion-clients"] == 3
+    assert {array.dtype for array in result.arrays.values()} == {"float64"}
