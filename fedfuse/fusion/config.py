@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-VARIANTS = ("linear",)
+VARIANTS = ("linear", "gradient")
+OPTIMIZERS = ("adam", "sgd")
+LEVEL_INITS = ("parent", "fresh")
 GROUPINGS = ("kmeans", "hungarian")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
 
@@ -18,7 +20,9 @@ class FusionConfig:
     Attributes:
         variant: how each fused level is fitted to its group targets. ``"linear"``: closed-form ridge
             least squares over the level's inputs (patches, for convolutions), the fused model's own
-            previous levels feeding it.
+            previous levels feeding it (``nn.Sequential`` chains of Linear/Conv2d). ``"gradient"``: a
+            few epochs of gradient descent per level, which fits any level (a residual block, a
+            transformer block) and any declared architecture.
         grouping: how the K·n parent neurons of a level are grouped into n fused neurons.
             ``"kmeans"``: importance-weighted k-means, any K. ``"hungarian"``: optimal one-to-one
             matching of the two parents' neurons, K = 2 only.
@@ -37,6 +41,17 @@ class FusionConfig:
         kmeans_max_iter: Lloyd iterations per restart.
         conductance_steps: integration steps of conductance (the paper uses 10).
         progress: show a progress bar over levels.
+
+    The gradient variant's fit (ignored by the linear variant):
+        optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
+        learning_rate: the optimiser's step size.
+        epochs: most passes over the calibration set per level.
+        patience: stop a level after this many epochs without a better held-out loss; the best
+            weights are restored.
+        validation_fraction: share of the calibration samples held out for early stopping.
+        level_init: ``"parent"``: a level starts from parent 0's weights (the groups are ordered like
+            parent 0's neurons, so they line up); ``"fresh"``: from a seeded random init.
+        fit_batch_size: samples per gradient step.
     """
 
     variant: str = "linear"
@@ -49,17 +64,46 @@ class FusionConfig:
     kmeans_max_iter: int = 300
     conductance_steps: int = 10
     progress: bool = False
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    epochs: int = 100
+    patience: int = 10
+    validation_fraction: float = 0.2
+    level_init: str = "parent"
+    fit_batch_size: int = 32
 
     def __post_init__(self) -> None:
         _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("level_init", self.level_init, LEVEL_INITS)
         _check_choice("grouping", self.grouping, GROUPINGS)
         _check_choice("importance", self.importance, IMPORTANCES)
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
             raise TypeError(f"FusionConfig.ridge must be a number, got {type(self.ridge).__name__}")
         if not math.isfinite(self.ridge) or self.ridge < 0:
             raise ValueError(f"FusionConfig.ridge must be finite and >= 0, got {self.ridge}")
-        for name in ("batch_size", "kmeans_n_init", "kmeans_max_iter", "conductance_steps"):
+        for name in (
+            "batch_size",
+            "kmeans_n_init",
+            "kmeans_max_iter",
+            "conductance_steps",
+            "epochs",
+            "patience",
+            "fit_batch_size",
+        ):
             _check_positive_int(name, getattr(self, name))
+        if not (
+            isinstance(self.learning_rate, (int, float))
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
+            raise ValueError(
+                f"FusionConfig.learning_rate must be a positive number, got {self.learning_rate!r}"
+            )
+        if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
+            raise ValueError(
+                f"FusionConfig.validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"FusionConfig.seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.progress, bool):

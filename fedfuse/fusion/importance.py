@@ -13,7 +13,7 @@ from captum.attr import LayerConductance, LayerDeepLift, LayerGradientXActivatio
 from torch import Tensor, nn
 
 from fedfuse.fusion.calibration import CalibrationSet
-from fedfuse.fusion.levels import Level
+from fedfuse.fusion.segments import channels_last
 
 EPSILON = 1e-8
 
@@ -21,8 +21,8 @@ EPSILON = 1e-8
 def importance_scores(
     method: str,
     parent: nn.Module,
-    level: Level,
     scored_module: nn.Module,
+    width: int,
     calibration: CalibrationSet,
     dtype: torch.dtype,
     conductance_steps: int,
@@ -32,17 +32,16 @@ def importance_scores(
     Args:
         method: ``"uniform"``, ``"gradient_x_activation"``, ``"conductance"`` or ``"deeplift"``.
         parent: the parent model, in eval mode (a private copy: captum adds hooks while it works).
-        level: the level whose neurons are scored.
-        scored_module: the module whose output is the level's neuron values (the folded BatchNorm
-            when there is one, else the layer).
+        scored_module: the module whose output holds the level's neurons (the folded BatchNorm when
+            there is one, else the layer, or the declared level module).
+        width: the level's neurons.
         conductance_steps: integration steps for conductance.
     """
     if method == "uniform":
-        return torch.ones(level.width, dtype=torch.float64)
+        return torch.ones(width, dtype=torch.float64)
     device = next(parent.parameters()).device
     attribution = _attribution(method, parent, scored_module)
-    channel_dim = 1 if level.kind == "conv2d" else -1
-    total = torch.zeros(level.width, dtype=torch.float64, device=device)
+    total = torch.zeros(width, dtype=torch.float64, device=device)
     count = 0
     for inputs, labels in calibration.batches(device, dtype):
         target = labels if labels is not None else _predictions(parent, inputs)
@@ -52,7 +51,7 @@ def importance_scores(
             else {}
         )
         attributions = attribution.attribute(inputs, target=target, **kwargs).detach()
-        per_channel = attributions.abs().movedim(channel_dim, -1).reshape(-1, level.width)
+        per_channel = channels_last(attributions.abs())
         total += per_channel.double().sum(0)
         count += per_channel.shape[0]
     return (total / count + EPSILON).cpu()

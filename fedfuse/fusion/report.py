@@ -15,11 +15,12 @@ class LevelReport:
         kind: ``"linear"`` or ``"conv2d"``.
         neurons: fused neurons (output features or channels) of the level.
         fan_in: inputs of one neuron (``in_features``, or ``in_channels·kh·kw`` for a convolution),
-            plus one for the bias when the level has one.
+            plus one for the bias when the level has one; for the gradient variant, the channels of
+            the level's input.
         rows: calibration rows the level was fitted on: samples, times output positions for a
             convolution.
         grouping: ``"kmeans"``, ``"hungarian"``, ``"index"`` (the output layer: classes matched by
-            index) or ``"identity"`` (one parent).
+            index) or ``"stream"`` (a residual block sharing its stream's grouping).
         grouping_cost: the importance-weighted share of the parents' neuron variance that merging
             loses, Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖²; 0 when every group's members agree.
         fit_r2: R² of the fused level's outputs against its group targets on the calibration rows
@@ -28,6 +29,7 @@ class LevelReport:
             ``importance``, ``grouping``, ``solve``.
         ill_posed: the level had fewer calibration rows than fan-in; the ridge kept the solve
             well-posed.
+        epochs: gradient variant: epochs the level trained for (early stopping may end it sooner).
     """
 
     name: str
@@ -40,6 +42,7 @@ class LevelReport:
     fit_r2: float
     seconds: dict[str, float] = field(default_factory=dict)
     ill_posed: bool = False
+    epochs: int | None = None
 
     @property
     def total_seconds(self) -> float:

@@ -1,0 +1,109 @@
+"""The linear variant: each level fitted in closed form by ridge least squares, from statistics
+streamed over the calibration set (see `fedfuse.fusion.statistics`)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.fusion.config import FusionConfig
+from fedfuse.fusion.fitting import fit_level, write_level
+from fedfuse.fusion.level_grouping import group_level
+from fedfuse.fusion.levels import Leaves, Level, leaves_of
+from fedfuse.fusion.parents import ParentWeights
+from fedfuse.fusion.report import LevelReport
+from fedfuse.fusion.statistics import LevelStatistics, layer_inputs, neuron_values
+
+
+class LinearFusion:
+    """The per-level work of one linear-variant `fuse` call: its parents, fused model and calibration set."""
+
+    def __init__(
+        self,
+        parents: list[nn.Module],
+        fused: nn.Module,
+        calibration: CalibrationSet,
+        config: FusionConfig,
+        weights: ParentWeights,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.parents = parents
+        self.parent_leaves = [leaves_of(parent) for parent in parents]
+        self.fused_leaves: Leaves = leaves_of(fused)
+        self.calibration = calibration
+        self.config = config
+        self.weights = weights
+        self.device, self.dtype = device, dtype
+
+    def fuse_level(self, index: int, level: Level, is_output: bool) -> LevelReport:
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
+        layer = self.fused_leaves.module(level.name)
+        stats = self._statistics(level, layer)
+        seconds["statistics"] = time.perf_counter() - clock
+
+        grouping = group_level(
+            stats.ztz.cpu(),
+            stats.z_sum.cpu(),
+            stats.rows,
+            parents=self.parents,
+            scored_modules=[leaves.module(level.norm or level.name) for leaves in self.parent_leaves],
+            calibration=self.calibration,
+            dtype=self.dtype,
+            config=self.config,
+            weights=self.weights,
+            is_output=is_output,
+        )
+        seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
+
+        clock = time.perf_counter()
+        norm = self.fused_leaves.module(level.norm) if level.norm else None
+        with_bias = layer.bias is not None or norm is not None
+        fan_in = stats.xtx.shape[0] + int(with_bias)
+        ill_posed = stats.rows < fan_in
+        if ill_posed:
+            warnings.warn(
+                f"level '{level.name}': {stats.rows} calibration rows for a fan-in of {fan_in}; the fit is "
+                f"underdetermined and the ridge ({self.config.ridge}) keeps it well-posed. A larger "
+                "calibration set fits better.",
+                stacklevel=4,  # the caller of fuse()
+            )
+        fit = fit_level(stats, grouping.shares.to(self.device), self.config.ridge, with_bias)
+        write_level(layer, norm, fit)
+        seconds["solve"] = time.perf_counter() - clock
+        return LevelReport(
+            name=level.name,
+            kind=level.kind,
+            neurons=level.width,
+            fan_in=fan_in,
+            rows=stats.rows,
+            grouping=grouping.method,
+            grouping_cost=grouping.cost,
+            fit_r2=fit.r2,
+            seconds=seconds,
+            ill_posed=ill_posed,
+        )
+
+    def _statistics(self, level: Level, layer: nn.Module) -> LevelStatistics:
+        """One pass: the fused model's inputs to the level against every parent's neuron values."""
+        stats: LevelStatistics | None = None
+        with torch.no_grad():
+            for inputs, _ in self.calibration.batches(self.device, self.dtype):
+                x = layer_inputs(layer, self.fused_leaves.run(inputs, 0, level.start))
+                z = torch.cat(
+                    [
+                        neuron_values(level, leaves.run(inputs, 0, level.stop))
+                        for leaves in self.parent_leaves
+                    ],
+                    dim=1,
+                )
+                if stats is None:
+                    stats = LevelStatistics(x.shape[1], z.shape[1], self.device)
+                stats.add(x, z)
+        assert stats is not None  # CalibrationSet guarantees a non-empty set
+        return stats
