@@ -167,3 +167,39 @@ def test_fusing_independently_trained_classifiers_beats_plain_averaging_by_a_wid
     seen = f"mean parent {mean_parent:.3f}, averaged {accuracy(averaged):.3f}, fused {accuracy(fused):.3f}"
     assert accuracy(fused) > accuracy(averaged) + 0.3, seen
     assert accuracy(fused) > mean_parent, seen
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+@pytest.mark.parametrize("multiplier", [0.5, 2.0])
+def test_a_width_multiplier_resizes_every_hidden_level_and_keeps_the_keys(
+    variant: str, multiplier: float
+) -> None:
+    parents = independent_parents(3)
+    result = fuse(
+        parents, (INPUTS, LABELS), FusionConfig(variant=variant, width_multiplier=multiplier, epochs=5)
+    )
+    assert [level.neurons for level in result.report.levels] == [
+        round(6 * multiplier),
+        round(12 * multiplier),
+        4,
+    ]
+    state = result.model.state_dict()
+    assert list(state) == list(parents[0].state_dict())
+    assert state["0.weight"].shape == (round(6 * multiplier), 1, 3, 3)
+    assert state["5.weight"].shape == (round(12 * multiplier), round(6 * multiplier) * 3 * 3)
+    assert result.model(INPUTS).shape == (96, 4)
+
+
+def test_twice_as_wide_a_fusion_of_two_parents_keeps_each_parents_neurons_apart() -> None:
+    """With 2·n groups for 2·n parent neurons, nothing is merged: the grouping costs nothing and the fit
+    reproduces the targets (the average of the parents' logits at the output) on the calibration set."""
+    parents = independent_parents(2)
+    result = fuse(parents, INPUTS, FusionConfig(width_multiplier=2.0, ridge=0.0))
+    hidden = result.report.levels[:-1]
+    assert all(level.grouping_cost < 1e-9 for level in hidden)
+    assert all(level.fit_r2 > 1 - 1e-6 for level in result.report.levels)
+
+
+def test_hungarian_matching_cannot_change_the_width() -> None:
+    with pytest.raises(ValueError, match="one to one"):
+        fuse(independent_parents(2), INPUTS, FusionConfig(grouping="hungarian", width_multiplier=2.0))

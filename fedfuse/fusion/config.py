@@ -41,6 +41,9 @@ class FusionConfig:
         kmeans_max_iter: Lloyd iterations per restart.
         conductance_steps: integration steps of conductance (the paper uses 10).
         progress: show a progress bar over levels.
+        width_multiplier: fused hidden levels get round(multiplier · width) neurons (k-means makes any
+            number of groups); 1 keeps parent 0's architecture. Sequential chains only; with K parents,
+            up to K keeps every parent neuron apart.
 
     The gradient variant's fit (ignored by the linear variant):
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
@@ -64,6 +67,7 @@ class FusionConfig:
     kmeans_max_iter: int = 300
     conductance_steps: int = 10
     progress: bool = False
+    width_multiplier: float = 1.0
     optimizer: str = "adam"
     learning_rate: float = 1e-2
     epochs: int = 100
@@ -99,6 +103,10 @@ class FusionConfig:
         ):
             raise ValueError(
                 f"FusionConfig.learning_rate must be a positive number, got {self.learning_rate!r}"
+            )
+        if not (isinstance(self.width_multiplier, (int, float)) and 0 < self.width_multiplier < math.inf):
+            raise ValueError(
+                f"FusionConfig.width_multiplier must be a positive number, got {self.width_multiplier!r}"
             )
         if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
             raise ValueError(

@@ -13,13 +13,14 @@ from tqdm.auto import tqdm
 
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
-from fedfuse.fusion.declared import LevelSpec
+from fedfuse.fusion.declared import LevelSpec, declared_levels
 from fedfuse.fusion.gradient import GradientFusion
 from fedfuse.fusion.levels import find_levels
 from fedfuse.fusion.linear import LinearFusion
 from fedfuse.fusion.parents import check_parents, resolve_weights
 from fedfuse.fusion.report import FusionReport, LevelReport
 from fedfuse.fusion.segments import Segment, capture, channel_dim, segments_of
+from fedfuse.fusion.width import resize_hidden_levels
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,13 @@ def fuse(
         outputs = _output_width(models[0], units[-1], calibration_set, device, dtype)
     parent_weights = resolve_weights(weights, len(models), outputs)
     fused = copy.deepcopy(models[0])
+    widths: list[int | None] = [None] * len(units)
+    if config.width_multiplier != 1:
+        if config.variant == "gradient" and declared_levels(models[0], levels) is not None:
+            raise ValueError(
+                "width_multiplier resizes nn.Sequential chains; declared architectures keep their width"
+            )
+        widths = resize_hidden_levels(fused, config.width_multiplier, config.seed)
     if len(models) == 1:
         return FusionResult(fused, _report(config, 1, calibration_set, [], started))
     if config.grouping == "hungarian" and len(models) != 2:
@@ -110,8 +118,10 @@ def fuse(
     variant = LinearFusion if config.variant == "linear" else GradientFusion
     fusion = variant(parents, fused, calibration_set, config, parent_weights, device, dtype)
     reports = [
-        fusion.fuse_level(index, unit, is_output=(index == len(units) - 1))
-        for index, unit in enumerate(tqdm(units, desc="fusing levels", disable=not config.progress))
+        fusion.fuse_level(index, unit, is_output=(index == len(units) - 1), groups=width)
+        for index, (unit, width) in enumerate(
+            tqdm(list(zip(units, widths)), desc="fusing levels", disable=not config.progress)
+        )
     ]
     fused.train(training)
     return FusionResult(fused, _report(config, len(models), calibration_set, reports, started))

@@ -50,7 +50,7 @@ class GradientFusion:
         self.device, self.dtype = device, dtype
         self.groupings: dict[str, LevelGrouping] = {}
 
-    def fuse_level(self, index: int, segment: Segment, is_output: bool) -> LevelReport:
+    def fuse_level(self, index: int, segment: Segment, is_output: bool, groups: int | None) -> LevelReport:
         clock = time.perf_counter()
         gram, sums, rows = self._gram(segment)
         statistics_seconds = time.perf_counter() - clock
@@ -66,6 +66,7 @@ class GradientFusion:
             config=self.config,
             weights=self.weights,
             is_output=is_output,
+            groups=groups,
             stream=self.groupings.get(segment.stream) if segment.stream else None,
         )
         self.groupings[segment.name] = grouping

@@ -51,6 +51,7 @@ def group_level(
     config: FusionConfig,
     weights: ParentWeights,
     is_output: bool,
+    groups: int | None = None,
     stream: LevelGrouping | None = None,
 ) -> LevelGrouping:
     """The grouping of one level, from its parents' Gram matrix ``gram`` ``[K·n, K·n]`` (and column sums).
@@ -58,6 +59,7 @@ def group_level(
     Args:
         scored_modules: per parent, the module whose output holds the level's neurons (for importance).
         is_output: the output layer: classes are matched by index, weighted per class.
+        groups: fused neurons; None keeps the parents' width.
         stream: the grouping of the residual stream this level adds into, reused as it is.
     """
     if is_output:
@@ -93,7 +95,7 @@ def group_level(
         rows,
         scores,
         width,
-        width,
+        groups or width,
         seed=config.seed,
         n_init=config.kmeans_n_init,
         max_iter=config.kmeans_max_iter,

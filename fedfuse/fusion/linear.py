@@ -40,7 +40,7 @@ class LinearFusion:
         self.weights = weights
         self.device, self.dtype = device, dtype
 
-    def fuse_level(self, index: int, level: Level, is_output: bool) -> LevelReport:
+    def fuse_level(self, index: int, level: Level, is_output: bool, groups: int | None) -> LevelReport:
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
         layer = self.fused_leaves.module(level.name)
@@ -58,6 +58,7 @@ class LinearFusion:
             config=self.config,
             weights=self.weights,
             is_output=is_output,
+            groups=groups,
         )
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
 
@@ -67,10 +68,14 @@ class LinearFusion:
         fan_in = stats.xtx.shape[0] + int(with_bias)
         ill_posed = stats.rows < fan_in
         if ill_posed:
+            remedy = (
+                f"the ridge ({self.config.ridge}) keeps it well-posed"
+                if self.config.ridge > 0
+                else "the minimum-norm solution is taken"
+            )
             warnings.warn(
                 f"level '{level.name}': {stats.rows} calibration rows for a fan-in of {fan_in}; the fit is "
-                f"underdetermined and the ridge ({self.config.ridge}) keeps it well-posed. A larger "
-                "calibration set fits better.",
+                f"underdetermined and {remedy}. A larger calibration set fits better.",
                 stacklevel=4,  # the caller of fuse()
             )
         fit = fit_level(stats, grouping.shares.to(self.device), self.config.ridge, with_bias)
@@ -79,7 +84,7 @@ class LinearFusion:
         return LevelReport(
             name=level.name,
             kind=level.kind,
-            neurons=level.width,
+            neurons=grouping.shares.shape[1],
             fan_in=fan_in,
             rows=stats.rows,
             grouping=grouping.method,
