@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from fedfuse import FusionConfig, fuse
-from fedfuse.fusion.config import IMPORTANCES
+from fedfuse.fusion.config import IMPORTANCES, VARIANTS
 from fedfuse.models import build_model
 from simulations.baselines import average_state_dicts, ensemble_logits
+from simulations.benchmarks.memory import peak_memory
 from simulations.clients import train_clients
 from simulations.datasets import Dataset, load_dataset
 from simulations.partitioning import dirichlet, label_histogram, split_server_sets
@@ -50,14 +51,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_MNIST, help="folder of the IDX files")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated zoo models")
     parser.add_argument("--parents", default="2,4,8", help="comma-separated K values")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated fusion variants")
     parser.add_argument(
-        "--importance", default=",".join(IMPORTANCES), help="comma-separated importance methods"
+        "--importance", default="uniform", help=f"comma-separated, of {', '.join(IMPORTANCES)}"
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     parser.add_argument("--calibration-size", type=int, default=400)
     parser.add_argument("--evaluation-size", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=3, help="local epochs per parent")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     return parser.parse_args(argv)
@@ -88,7 +93,13 @@ def benchmark_setting(
     training_seconds = statistics.mean(clients.seconds)
     setting = {"model": model, "parents": parents}
 
-    def row(method: str, scores: dict[str, float], seconds: float = 0.0, fit_r2: float | None = None) -> dict:
+    def row(
+        method: str,
+        scores: dict[str, float],
+        seconds: float = 0.0,
+        fit_r2: float | None = None,
+        peak_mb: float | None = None,
+    ) -> dict:
         return {
             **setting,
             "method": method,
@@ -96,6 +107,7 @@ def benchmark_setting(
             "fusion_seconds": seconds,
             "seconds_per_training": seconds / training_seconds,
             "fit_r2": fit_r2,
+            "fusion_peak_mb": peak_mb,
         }
 
     parent_scores = [evaluate(m, evaluation.x, evaluation.y) for m in clients.models]
@@ -110,13 +122,20 @@ def benchmark_setting(
         average_state_dicts([m.state_dict() for m in clients.models], counts.sum(1).tolist())
     )
     rows.append(row("averaging", evaluate(averaged, evaluation.x, evaluation.y)))
-    configs = [(f"fedfuse {imp}", FusionConfig(importance=imp, seed=args.seed)) for imp in args.importance]
-    if parents == 2:
-        configs.append(("fedfuse hungarian", FusionConfig(grouping="hungarian", seed=args.seed)))
+    chain = isinstance(clients.models[0], torch.nn.Sequential)
+    configs = [
+        (f"fedfuse {variant} {imp}", FusionConfig(variant=variant, importance=imp, seed=args.seed))
+        for variant in args.variants
+        if variant == "gradient" or chain  # the linear variant fits chains of Linear/Conv2d only
+        for imp in args.importance
+    ]
+    if parents == 2 and chain and "linear" in args.variants:
+        configs.append(("fedfuse linear hungarian", FusionConfig(grouping="hungarian", seed=args.seed)))
     for method, config in configs:
-        result = fuse(clients.models, (calibration.x, calibration.y), config, weights=counts)
+        with peak_memory() as memory:
+            result = fuse(clients.models, (calibration.x, calibration.y), config, weights=counts)
         scores = evaluate(result.model, evaluation.x, evaluation.y)
-        rows.append(row(method, scores, result.report.seconds, result.report.mean_fit_r2))
+        rows.append(row(method, scores, result.report.seconds, result.report.mean_fit_r2, memory["peak_mb"]))
     rows.append(
         row("ensemble", classification_scores(ensemble_logits(clients.models, evaluation.x), evaluation.y))
     )
@@ -135,8 +154,8 @@ def machine() -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'model':<6} {'K':>2}  {'method':<30} {'acc':>6} {'F1':>6} "
-        + f"{'fit R2':>7} {'fuse s':>7} {'/train':>7}"
+        f"{'model':<8} {'K':>2}  {'method':<32} {'acc':>6} {'F1':>6} "
+        + f"{'fit R2':>7} {'fuse s':>7} {'/train':>7} {'peak MB':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -144,19 +163,22 @@ def table(rows: list[dict[str, Any]]) -> str:
         timing = (
             f"{r['fusion_seconds']:>7.2f} {r['seconds_per_training']:>7.2f}" if r["fusion_seconds"] else ""
         )
+        memory = "" if r["fusion_peak_mb"] is None else f"{r['fusion_peak_mb']:>8.0f}"
         lines.append(
-            f"{r['model']:<6} {r['parents']:>2}  {r['method']:<30} {r['accuracy']:>6.3f} "
-            f"{r['macro_f1']:>6.3f} {r2:>7} {timing}"
+            f"{r['model']:<8} {r['parents']:>2}  {r['method']:<32} {r['accuracy']:>6.3f} "
+            f"{r['macro_f1']:>6.3f} {r2:>7} {timing} {memory}"
         )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.importance = args.importance.split(",")
-    unknown = sorted(set(args.importance) - set(IMPORTANCES))
-    if unknown:
-        raise SystemExit(f"unknown importance method(s) {unknown}; choose from {list(IMPORTANCES)}")
+    args.importance, args.variants = args.importance.split(","), args.variants.split(",")
+    for given, known in ((args.importance, IMPORTANCES), (args.variants, VARIANTS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown choice(s) {unknown}; choose from {list(known)}")
+    torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir if args.dataset != "digits" else None)
     pool, calibration_idx, evaluation_idx = split_server_sets(
         data.y.numpy(), args.calibration_size, args.evaluation_size, args.seed
