@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fedfuse.models import build_model
-from simulations.datasets import load_digits
 from simulations.training import classification_scores, evaluate, predict, train
 
 
@@ -17,14 +16,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-    train_idx, test_idx = order[:1200], order[1200:]
-    return data.x[train_idx], data.y[train_idx], data.x[test_idx], data.y[test_idx]
 
 
 def weights(model: torch.nn.Module) -> torch.Tensor:

@@ -1,12 +1,27 @@
 """A small model zoo for tests, simulations and first steps.
 
-Every model is a flat `nn.Sequential` of Linear, Conv2d, BatchNorm (directly after the layer it
-normalises), pointwise activations, pooling, Flatten and Dropout: the fusion engine finds its
-levels automatically.
+`MLP`, `LeNet` and `VGG11` are flat `nn.Sequential` chains of Linear, Conv2d, BatchNorm (directly
+after the layer it normalises), pointwise activations, pooling, Flatten and Dropout: the fusion
+engine finds their levels automatically. `ResNet` and `ViT` are chains of level modules (stem or
+embedding, blocks, head) that declare their levels and residual streams through ``fusion_levels()``
+(`fedfuse.fusion.declared`).
 """
 
 from fedfuse.models.factory import MODEL_NAMES, build_model
 from fedfuse.models.lenet import LeNet
 from fedfuse.models.mlp import MLP
+from fedfuse.models.resnet import BasicBlock, ResNet
+from fedfuse.models.vgg import VGG11
+from fedfuse.models.vit import TransformerBlock, ViT
 
-__all__ = ["MLP", "MODEL_NAMES", "LeNet", "build_model"]
+__all__ = [
+    "MLP",
+    "MODEL_NAMES",
+    "VGG11",
+    "BasicBlock",
+    "LeNet",
+    "ResNet",
+    "TransformerBlock",
+    "ViT",
+    "build_model",
+]

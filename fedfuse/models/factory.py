@@ -9,8 +9,11 @@ from torch import nn
 
 from fedfuse.models.lenet import LeNet
 from fedfuse.models.mlp import MLP
+from fedfuse.models.resnet import ResNet
+from fedfuse.models.vgg import VGG11
+from fedfuse.models.vit import ViT
 
-MODEL_NAMES = ("mlp", "cnn", "lenet", "cnn-bn")
+MODEL_NAMES = ("mlp", "cnn", "lenet", "cnn-bn", "vgg11", "vgg11-bn", "resnet8", "resnet18", "vit")
 
 
 def build_model(
@@ -21,16 +24,20 @@ def build_model(
     num_classes: int,
     seed: int | None = None,
     **kwargs: Any,
-) -> nn.Sequential:
+) -> nn.Module:
     """A fresh zoo model for images [N, in_channels, image_size, image_size] and num_classes logits.
 
     Args:
         name: ``"mlp"`` (`MLP` on the flattened image), ``"cnn"`` or ``"lenet"`` (`LeNet`),
-            ``"cnn-bn"`` (`LeNet` with BatchNorm).
+            ``"cnn-bn"`` (`LeNet` with BatchNorm), ``"vgg11"`` / ``"vgg11-bn"`` (`VGG11` without /
+            with BatchNorm), ``"resnet8"`` / ``"resnet18"`` (`ResNet` of that depth), ``"vit"``
+            (`ViT`). The first six are ``nn.Sequential`` chains; ResNet and ViT declare their
+            fusion levels (``fusion_levels()``, see `fedfuse.fusion.declared`).
         in_channels, image_size, num_classes: the data's shape and classes.
         seed: seeds the random initial weights (same seed → same weights) without touching the
             global torch RNG; None draws them from the global RNG.
-        **kwargs: passed on to the model class (e.g. ``hidden=(256, 128)``).
+        **kwargs: passed on to the model class (e.g. ``hidden=(256, 128)``, ``width_multiplier=0.25``,
+            ``width=32``, ``dim=32``).
 
     Raises:
         ValueError: an unknown name.
@@ -46,9 +53,14 @@ def build_model(
 
 def _construct(
     name: str, in_channels: int, image_size: int, num_classes: int, kwargs: dict[str, Any]
-) -> nn.Sequential:
+) -> nn.Module:
     if name == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, **kwargs)
-    if name == "cnn-bn":
+    if name.startswith("resnet"):
+        return ResNet(int(name.removeprefix("resnet")), in_channels, num_classes, image_size, **kwargs)
+    if name == "vit":
+        return ViT(in_channels, num_classes, image_size, **kwargs)
+    if name.endswith("-bn"):
         kwargs = {"batch_norm": True, **kwargs}
-    return LeNet(in_channels, num_classes, image_size, **kwargs)
+    model = VGG11 if name.startswith("vgg11") else LeNet
+    return model(in_channels, num_classes, image_size, **kwargs)

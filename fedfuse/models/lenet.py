@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fedfuse.models.mlp import check_positive, dense_layers
+from fedfuse.models.mlp import check_positive, check_positive_ints, dense_layers
 
 KERNEL_SIZE = 5
 PADDING = 2  # "same" padding for a 5x5 kernel: a convolution keeps the spatial size, only pooling halves it
@@ -41,12 +41,7 @@ class LeNet(nn.Sequential):
         hidden: Sequence[int] = (120, 84),
         batch_norm: bool = False,
     ) -> None:
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("image_size", image_size),
-        ):
-            check_positive("LeNet", name, value)
+        check_positive_ints("LeNet", in_channels=in_channels, num_classes=num_classes, image_size=image_size)
         if not channels:
             raise ValueError("LeNet needs at least one convolution block; channels is empty")
         for width in channels:

@@ -30,10 +30,8 @@ class MLP(nn.Sequential):
         batch_norm: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        check_positive("MLP", "in_features", in_features)
-        check_positive("MLP", "num_classes", num_classes)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout}")
+        check_positive_ints("MLP", in_features=in_features, num_classes=num_classes)
+        check_dropout("MLP", dropout)
         super().__init__(nn.Flatten(), *dense_layers(in_features, hidden, num_classes, batch_norm, dropout))
 
 
@@ -60,3 +58,14 @@ def dense_layers(
 def check_positive(owner: str, name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner} {name} must be a positive int, got {value!r}")
+
+
+def check_positive_ints(owner: str, **values: int) -> None:
+    """`check_positive` for each keyword (its name is the argument's name in the message)."""
+    for name, value in values.items():
+        check_positive(owner, name, value)
+
+
+def check_dropout(owner: str, dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{owner} dropout must be in [0, 1), got {dropout}")
