@@ -84,8 +84,9 @@ def _kmeans(gram: Tensor, scores: Tensor, groups: int, *, seed: int, n_init: int
 def _fill_empty_groups(
     points: np.ndarray, weights: np.ndarray, labels: np.ndarray, groups: int
 ) -> np.ndarray:
-    """Give every empty group the neuron farthest from its own group's mean (k-means can leave a group
-    empty when there are fewer distinct neurons than groups); an empty group would be a dead neuron."""
+    """Give every empty group the neuron farthest from its own group's mean, from the most crowded group
+    on ties (k-means can leave a group empty when there are fewer distinct neurons than groups, as when
+    several neurons are dead: identical zeros); an empty group would be a dead fused neuron."""
     labels = labels.copy()
     for empty in np.setdiff1d(np.arange(groups), labels):
         counts = np.bincount(labels, minlength=groups)
@@ -99,7 +100,7 @@ def _fill_empty_groups(
         )
         distance = weights * ((points - centres[labels]) ** 2).sum(1)
         distance[counts[labels] < 2] = -np.inf
-        labels[int(np.argmax(distance))] = empty
+        labels[int(np.lexsort((counts[labels], distance))[-1])] = empty
     return labels
 
 
