@@ -31,6 +31,7 @@ def train_clients(
     epochs: int,
     seed: int,
     progress: bool = False,
+    model_options: dict | None = None,
 ) -> TrainedClients:
     """Train one zoo model per partition of ``data``.
 
@@ -41,6 +42,7 @@ def train_clients(
             (every client starts from the weights seeded 1000·seed, as after Flower's global init).
         epochs: local epochs.
         seed: client k trains with seed 1000·seed + k.
+        model_options: keyword arguments for the model (e.g. ``{"width_multiplier": 0.25}``).
     """
     if init not in ("independent", "shared"):
         raise ValueError(f"init must be 'independent' or 'shared', got {init!r}")
@@ -53,6 +55,7 @@ def train_clients(
             image_size=data.image_size,
             num_classes=data.num_classes,
             seed=client_seed if init == "independent" else 1000 * seed,
+            **(model_options or {}),
         )
         started = time.perf_counter()
         train(

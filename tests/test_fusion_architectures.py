@@ -17,21 +17,13 @@ from simulations.datasets import load_digits
 from simulations.partitioning import dirichlet, split_server_sets
 from simulations.training import evaluate
 from tests.permutation import permuted_resnet_copy, permuted_vit_copy
-from tests.test_fusion_recovers_functions import assert_same_function
+from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 
 GRADIENT = FusionConfig(variant="gradient")
 
 
 def zoo_model(name: str, seed: int = 0, **kwargs: object) -> nn.Module:
     return build_model(name, in_channels=1, image_size=8, num_classes=10, seed=seed, **kwargs)
-
-
-def with_running_statistics(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(inputs + 0.3 * torch.randn_like(inputs))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +33,7 @@ def images() -> torch.Tensor:
 
 def test_fusing_two_permuted_resnets_by_matching_recovers_the_function(images: torch.Tensor) -> None:
     torch.manual_seed(0)
-    model = with_running_statistics(zoo_model("resnet8"), images)
+    model = trained_statistics(zoo_model("resnet8"), images)
     copy_ = permuted_resnet_copy(model, seed=1)
     result = fuse([model, copy_], images, FusionConfig(variant="gradient", grouping="hungarian"))
     assert [level.grouping for level in result.report.levels] == [
@@ -58,7 +50,7 @@ def test_fusing_three_permuted_resnets_by_kmeans_recovers_the_function_closely(i
     """Dead channels (identical zero outputs) let k-means put duplicates where parent 0 has dead channels,
     so the aligned start is not exact there and training closes most of the gap."""
     torch.manual_seed(0)
-    model = with_running_statistics(zoo_model("resnet8"), images)
+    model = trained_statistics(zoo_model("resnet8"), images)
     parents = [model, permuted_resnet_copy(model, seed=1), permuted_resnet_copy(model, seed=2)]
     result = fuse(parents, images, GRADIENT)
     assert_same_function(result.model, model, torch.rand(100, 1, 8, 8), tolerance=0.1)
@@ -80,7 +72,7 @@ def test_fusing_permuted_vits_recovers_the_function(
 def test_the_fused_resnets_batchnorm_statistics_are_those_of_its_own_activations(
     images: torch.Tensor,
 ) -> None:
-    parents = [with_running_statistics(zoo_model("resnet8", seed), images) for seed in range(3)]
+    parents = [trained_statistics(zoo_model("resnet8", seed), images) for seed in range(3)]
     fused = fuse(parents, images, GRADIENT).model
     inputs_seen: dict[nn.Module, torch.Tensor] = {}
     norms = [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]

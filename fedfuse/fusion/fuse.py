@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
+from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.declared import LevelSpec, declared_levels
 from fedfuse.fusion.gradient import GradientFusion
 from fedfuse.fusion.levels import find_levels
@@ -116,7 +117,7 @@ def fuse(
     parents = [copy.deepcopy(model).to(device).eval() for model in models]  # captum hooks land on copies
     fused.eval()
     variant = LinearFusion if config.variant == "linear" else GradientFusion
-    fusion = variant(parents, fused, calibration_set, config, parent_weights, device, dtype)
+    fusion = variant(FusionContext(parents, fused, calibration_set, config, parent_weights, device, dtype))
     reports = [
         fusion.fuse_level(index, unit, is_output=(index == len(units) - 1), groups=width)
         for index, (unit, width) in enumerate(

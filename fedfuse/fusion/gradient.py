@@ -19,10 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.batchnorm import renormalize_batchnorms
-from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
+from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.level_grouping import LevelGrouping, group_level
-from fedfuse.fusion.parents import ParentWeights
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.segments import Segment, capture, channel_dim, channels_last
 
@@ -30,24 +29,10 @@ from fedfuse.fusion.segments import Segment, capture, channel_dim, channels_last
 class GradientFusion:
     """The per-level work of one gradient-variant `fuse` call."""
 
-    def __init__(
-        self,
-        parents: list[nn.Module],
-        fused: nn.Module,
-        calibration: CalibrationSet,
-        config: FusionConfig,
-        weights: ParentWeights,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.parents = parents
-        self.parent_modules = [dict(parent.named_modules()) for parent in parents]
-        self.fused = fused
-        self.fused_modules = dict(fused.named_modules())
-        self.calibration = calibration
-        self.config = config
-        self.weights = weights
-        self.device, self.dtype = device, dtype
+    def __init__(self, context: FusionContext) -> None:
+        self.context = context
+        self.parent_modules = [dict(parent.named_modules()) for parent in context.parents]
+        self.fused_modules = dict(context.fused.named_modules())
         self.groupings: dict[str, LevelGrouping] = {}
 
     def fuse_level(self, index: int, segment: Segment, is_output: bool, groups: int | None) -> LevelReport:
@@ -59,12 +44,8 @@ class GradientFusion:
             gram,
             sums,
             rows,
-            parents=self.parents,
+            context=self.context,
             scored_modules=[modules[segment.modules[-1]] for modules in self.parent_modules],
-            calibration=self.calibration,
-            dtype=self.dtype,
-            config=self.config,
-            weights=self.weights,
             is_output=is_output,
             groups=groups,
             stream=self.groupings.get(segment.stream) if segment.stream else None,
@@ -74,12 +55,14 @@ class GradientFusion:
         clock = time.perf_counter()
         inputs, targets = self._cache(segment, grouping.shares)
         modules = [self.fused_modules[name] for name in segment.modules]
-        if self.config.level_init == "fresh":
-            _reinitialise(modules, seed=self.config.seed + index)
+        if self.context.config.level_init == "fresh":
+            _reinitialise(modules, seed=self.context.config.seed + index)
         weights = grouping.group_weights / grouping.group_weights.mean()
-        epochs = _train(modules, inputs, targets, weights, self.config, index)
-        renormalize_batchnorms(modules, lambda: _apply_in_batches(modules, inputs, self.config.batch_size))
-        r2 = _r2(modules, inputs, targets, self.config.batch_size)
+        epochs = _train(modules, inputs, targets, weights, self.context.config, index)
+        renormalize_batchnorms(
+            modules, lambda: _apply_in_batches(modules, inputs, self.context.config.batch_size)
+        )
+        r2 = _r2(modules, inputs, targets, self.context.config.batch_size)
         seconds = {
             "statistics": statistics_seconds,
             "importance": grouping.importance_seconds,
@@ -103,7 +86,7 @@ class GradientFusion:
         last = segment.modules[-1]
         return [
             capture(parent, modules[last], inputs, output=True)
-            for parent, modules in zip(self.parents, self.parent_modules)
+            for parent, modules in zip(self.context.parents, self.parent_modules)
         ]
 
     def _gram(self, segment: Segment) -> tuple[Tensor, Tensor, int]:
@@ -111,7 +94,7 @@ class GradientFusion:
         gram = sums = None
         rows = 0
         with torch.no_grad():
-            for inputs, _ in self.calibration.batches(self.device, self.dtype):
+            for inputs, _ in self.context.calibration.batches(self.context.device, self.context.dtype):
                 z = torch.cat(
                     [channels_last(out) for out in self._parent_outputs(segment, inputs)], dim=1
                 ).double()
@@ -123,11 +106,11 @@ class GradientFusion:
     def _cache(self, segment: Segment, shares: Tensor) -> tuple[Tensor, Tensor]:
         """The fused model's inputs to the level and the group targets, for every calibration sample."""
         first = self.fused_modules[segment.modules[0]]
-        shares = shares.to(self.device, self.dtype)
+        shares = shares.to(self.context.device, self.context.dtype)
         inputs, targets = [], []
         with torch.no_grad():
-            for batch, _ in self.calibration.batches(self.device, self.dtype):
-                inputs.append(capture(self.fused, first, batch, output=False).detach())
+            for batch, _ in self.context.calibration.batches(self.context.device, self.context.dtype):
+                inputs.append(capture(self.context.fused, first, batch, output=False).detach())
                 outputs = self._parent_outputs(segment, batch)
                 dim = channel_dim(outputs[0])
                 stacked = torch.cat([out.movedim(dim, -1) for out in outputs], dim=-1)

@@ -10,11 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedfuse.fusion.calibration import CalibrationSet
-from fedfuse.fusion.config import FusionConfig
+from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.grouping import group_neurons, grouping_cost, shares_by_index
 from fedfuse.fusion.importance import importance_scores
-from fedfuse.fusion.parents import ParentWeights
 
 
 @dataclass(frozen=True)
@@ -44,12 +42,8 @@ def group_level(
     sums: Tensor,
     rows: int,
     *,
-    parents: Sequence[nn.Module],
+    context: FusionContext,
     scored_modules: Sequence[nn.Module],
-    calibration: CalibrationSet,
-    dtype: torch.dtype,
-    config: FusionConfig,
-    weights: ParentWeights,
     is_output: bool,
     groups: int | None = None,
     stream: LevelGrouping | None = None,
@@ -62,6 +56,7 @@ def group_level(
         groups: fused neurons; None keeps the parents' width.
         stream: the grouping of the residual stream this level adds into, reused as it is.
     """
+    config, weights = context.config, context.weights
     if is_output:
         scores = weights.classes.flatten()
         shares = shares_by_index(weights.classes)
@@ -76,14 +71,20 @@ def group_level(
         cost = grouping_cost(gram, sums, rows, stream.scores, stream.shares)
         return LevelGrouping("stream", stream.shares, stream.scores, stream.group_weights, cost)
     clock = time.perf_counter()
-    width = gram.shape[0] // len(parents)
+    width = gram.shape[0] // len(context.parents)
     scores = torch.cat(
         [
             importance_scores(
-                config.importance, parent, module, width, calibration, dtype, config.conductance_steps
+                config.importance,
+                parent,
+                module,
+                width,
+                context.calibration,
+                context.dtype,
+                config.conductance_steps,
             )
             * weight
-            for parent, module, weight in zip(parents, scored_modules, weights.parents)
+            for parent, module, weight in zip(context.parents, scored_modules, weights.parents)
         ]
     )
     importance_seconds = time.perf_counter() - clock

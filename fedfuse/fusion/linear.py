@@ -9,12 +9,10 @@ import warnings
 import torch
 from torch import nn
 
-from fedfuse.fusion.calibration import CalibrationSet
-from fedfuse.fusion.config import FusionConfig
+from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import fit_level, write_level
 from fedfuse.fusion.level_grouping import group_level
 from fedfuse.fusion.levels import Leaves, Level, leaves_of
-from fedfuse.fusion.parents import ParentWeights
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import LevelStatistics, layer_inputs, neuron_values
 
@@ -22,23 +20,10 @@ from fedfuse.fusion.statistics import LevelStatistics, layer_inputs, neuron_valu
 class LinearFusion:
     """The per-level work of one linear-variant `fuse` call: its parents, fused model and calibration set."""
 
-    def __init__(
-        self,
-        parents: list[nn.Module],
-        fused: nn.Module,
-        calibration: CalibrationSet,
-        config: FusionConfig,
-        weights: ParentWeights,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.parents = parents
-        self.parent_leaves = [leaves_of(parent) for parent in parents]
-        self.fused_leaves: Leaves = leaves_of(fused)
-        self.calibration = calibration
-        self.config = config
-        self.weights = weights
-        self.device, self.dtype = device, dtype
+    def __init__(self, context: FusionContext) -> None:
+        self.context = context
+        self.parent_leaves = [leaves_of(parent) for parent in context.parents]
+        self.fused_leaves: Leaves = leaves_of(context.fused)
 
     def fuse_level(self, index: int, level: Level, is_output: bool, groups: int | None) -> LevelReport:
         seconds: dict[str, float] = {}
@@ -51,12 +36,8 @@ class LinearFusion:
             stats.ztz.cpu(),
             stats.z_sum.cpu(),
             stats.rows,
-            parents=self.parents,
+            context=self.context,
             scored_modules=[leaves.module(level.norm or level.name) for leaves in self.parent_leaves],
-            calibration=self.calibration,
-            dtype=self.dtype,
-            config=self.config,
-            weights=self.weights,
             is_output=is_output,
             groups=groups,
         )
@@ -69,8 +50,8 @@ class LinearFusion:
         ill_posed = stats.rows < fan_in
         if ill_posed:
             remedy = (
-                f"the ridge ({self.config.ridge}) keeps it well-posed"
-                if self.config.ridge > 0
+                f"the ridge ({self.context.config.ridge}) keeps it well-posed"
+                if self.context.config.ridge > 0
                 else "the minimum-norm solution is taken"
             )
             warnings.warn(
@@ -78,7 +59,7 @@ class LinearFusion:
                 f"underdetermined and {remedy}. A larger calibration set fits better.",
                 stacklevel=4,  # the caller of fuse()
             )
-        fit = fit_level(stats, grouping.shares.to(self.device), self.config.ridge, with_bias)
+        fit = fit_level(stats, grouping.shares.to(self.context.device), self.context.config.ridge, with_bias)
         write_level(layer, norm, fit)
         seconds["solve"] = time.perf_counter() - clock
         return LevelReport(
@@ -98,7 +79,7 @@ class LinearFusion:
         """One pass: the fused model's inputs to the level against every parent's neuron values."""
         stats: LevelStatistics | None = None
         with torch.no_grad():
-            for inputs, _ in self.calibration.batches(self.device, self.dtype):
+            for inputs, _ in self.context.calibration.batches(self.context.device, self.context.dtype):
                 x = layer_inputs(layer, self.fused_leaves.run(inputs, 0, level.start))
                 z = torch.cat(
                     [
@@ -108,7 +89,7 @@ class LinearFusion:
                     dim=1,
                 )
                 if stats is None:
-                    stats = LevelStatistics(x.shape[1], z.shape[1], self.device)
+                    stats = LevelStatistics(x.shape[1], z.shape[1], self.context.device)
                 stats.add(x, z)
         assert stats is not None  # CalibrationSet guarantees a non-empty set
         return stats
