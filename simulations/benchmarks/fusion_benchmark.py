@@ -57,6 +57,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--importance", default="uniform", help=f"comma-separated, of {', '.join(IMPORTANCES)}"
     )
+    parser.add_argument(
+        "--widths",
+        default="1",
+        help="comma-separated fused width multipliers (chains only; 1 = the parents')",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     parser.add_argument("--calibration-size", type=int, default=400)
     parser.add_argument("--evaluation-size", type=int, default=2000)
@@ -131,10 +136,14 @@ def benchmark_setting(
     rows.append(row("averaging", evaluate(averaged, evaluation.x, evaluation.y)))
     chain = isinstance(clients.models[0], torch.nn.Sequential)
     configs = [
-        (f"fedfuse {variant} {imp}", FusionConfig(variant=variant, importance=imp, seed=args.seed))
+        (
+            f"fedfuse {variant} {imp}" + (f" width x{width:g}" if width != 1 else ""),
+            FusionConfig(variant=variant, importance=imp, seed=args.seed, width_multiplier=width),
+        )
         for variant in args.variants
         if variant == "gradient" or chain  # the linear variant fits chains of Linear/Conv2d only
         for imp in args.importance
+        for width in (args.widths if chain else [1.0])  # declared architectures keep their width
     ]
     if parents == 2 and chain and "linear" in args.variants:
         configs.append(("fedfuse linear hungarian", FusionConfig(grouping="hungarian", seed=args.seed)))
@@ -181,6 +190,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.importance, args.variants = args.importance.split(","), args.variants.split(",")
+    args.widths = [float(width) for width in args.widths.split(",")]
     for given, known in ((args.importance, IMPORTANCES), (args.variants, VARIANTS)):
         unknown = sorted(set(given) - set(known))
         if unknown:
