@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PYTHON) -m simulations.fuse_digits
+	$(PYTHON) -m simulations.one_shot
 
 test: setup
 	$(PYTHON) -m pytest

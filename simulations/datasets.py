@@ -1,12 +1,14 @@
 """Labelled image data sets read from local files only (never downloaded at run time).
 
 ``digits`` is scikit-learn's embedded 8x8 digits set; ``mnist``, ``fashion-mnist`` and ``kmnist`` are
-read from a folder of IDX files in the MNIST format (gzip-compressed or plain).
+read from a folder of IDX files in the MNIST format (gzip-compressed or plain); ``cifar10`` from the
+standard ``cifar-10-batches-py`` folder of pickled batches.
 """
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,12 @@ import sklearn.datasets
 import torch
 
 IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")
-DATASET_NAMES = ("digits", *IDX_DATASETS)
+DATASET_NAMES = ("digits", *IDX_DATASETS, "cifar10")
+SPLITS = ("t10k", "train")
+
+# CIFAR-10's python version: five training batches and one test batch, 10,000 images each.
+CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "t10k": ("test_batch",)}
+CIFAR10_SIDE = 32
 
 # IDX magic number: two zero bytes, a type code, the number of dimensions. Big-endian data follows.
 _IDX_TYPES = {
@@ -162,27 +169,88 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="))
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, *, split: str = "t10k") -> Dataset:
-    """A data set by name: ``"digits"`` (embedded) or an IDX data set read from ``data_dir``.
+def load_cifar10(folder: str | Path, split: str = "t10k") -> Dataset:
+    """CIFAR-10 from its standard python folder (``cifar-10-batches-py``, as the official archive unpacks).
+
+    Each batch file is a pickled dict with ``b"data"``, uint8 [N, 3072] (the red, green and blue
+    32x32 planes of an image, rows first), and ``b"labels"``, N ints in [0, 10). Pickle can run code
+    while loading: read only files you trust (the official archive).
 
     Args:
-        name: one of ``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``.
-        data_dir: the folder with the IDX files; required for every data set but ``"digits"``.
-        split: the IDX file prefix (``"t10k"`` or ``"train"``); ignored for ``"digits"``.
+        folder: the folder holding the batch files.
+        split: ``"t10k"`` (``test_batch``: 10,000 images) or ``"train"`` (``data_batch_1`` to ``_5``:
+            50,000 images).
+
+    Returns:
+        A `Dataset` named ``"cifar10"`` with images float32 [N, 3, 32, 32] scaled from bytes to [0, 1].
 
     Raises:
-        ValueError: an unknown name, or an IDX data set without ``data_dir``.
+        FileNotFoundError: a batch file is missing (the message names it).
+        ValueError: an unknown split, a batch without those keys or of another shape, or image and
+            label counts that differ.
+    """
+    _check_split(split)
+    images, labels = [], []
+    for name in CIFAR10_BATCHES[split]:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"CIFAR-10 batch file not found: {path} (expected the cifar-10-batches-py folder)"
+            )
+        with open(path, "rb") as file:
+            batch = pickle.load(file, encoding="bytes")
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise ValueError(f"{path}: not a CIFAR-10 batch: expected a dict with keys b'data' and b'labels'")
+        data = np.asarray(batch[b"data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * CIFAR10_SIDE**2:
+            raise ValueError(
+                f"{path}: b'data' must be uint8 [N, {3 * CIFAR10_SIDE**2}], "
+                f"got {data.dtype} {list(data.shape)}"
+            )
+        if len(batch[b"labels"]) != len(data):
+            raise ValueError(f"{path}: {len(data)} images but {len(batch[b'labels'])} labels")
+        images.append(data.reshape(-1, 3, CIFAR10_SIDE, CIFAR10_SIDE))
+        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    x = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
+    return Dataset(x, torch.from_numpy(np.concatenate(labels)), "cifar10", 10)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, *, split: str = "t10k") -> Dataset:
+    """A data set by name: ``"digits"`` (embedded), or one read from the files in ``data_dir``.
+
+    Args:
+        name: one of ``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"`` (IDX files),
+            ``"cifar10"`` (the ``cifar-10-batches-py`` folder).
+        data_dir: the folder with the files; required for every data set but ``"digits"``.
+        split: ``"t10k"`` (the test split: IDX ``t10k-*`` files, CIFAR-10's ``test_batch``) or
+            ``"train"``; ignored for ``"digits"``.
+
+    Raises:
+        ValueError: an unknown name or split, or a file-based data set without ``data_dir``.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(map(repr, DATASET_NAMES))}")
+    _check_split(split)
     if name == "digits":
         return load_digits()
     if data_dir is None:
-        raise ValueError(
-            f"dataset {name!r} is read from local IDX files: set data_dir (--data-dir) to the folder "
-            f"holding {split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz]"
+        files = (
+            "the cifar-10-batches-py folder"
+            if name == "cifar10"
+            else f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz]"
         )
+        raise ValueError(
+            f"dataset {name!r} is read from local files: "
+            f"set data_dir (--data-dir) to the folder holding {files}"
+        )
+    if name == "cifar10":
+        return load_cifar10(data_dir, split)
     return load_idx(data_dir, split, name=name)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(map(repr, SPLITS))}")
 
 
 def _find_idx_file(folder: Path, stem: str) -> Path:

@@ -13,6 +13,11 @@ import numpy as np
 
 _DIRICHLET_MAX_TRIES = 100
 
+#: The partitioning schemes by name, as `partition` takes them.
+PARTITIONINGS = ("iid", "dirichlet", "pathological", "quantity-skew")
+#: The schemes that take a concentration ``alpha`` (``pathological`` takes ``classes_per_client``).
+ALPHA_PARTITIONINGS = ("dirichlet", "quantity-skew")
+
 
 def split_server_sets(
     y: np.ndarray, calibration_size: int, evaluation_size: int, seed: int
@@ -192,6 +197,64 @@ def quantity_skew(
     sizes = min_partition_size + extra
     order = rng.permutation(len(y))
     return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+def partition(
+    y: np.ndarray,
+    scheme: str,
+    num_clients: int,
+    seed: int,
+    *,
+    alpha: float | None = None,
+    classes_per_client: int | None = None,
+) -> list[np.ndarray]:
+    """Partition by scheme name, so that a simulation picks its partitioner by an option.
+
+    Args:
+        y: labels, int [N].
+        scheme: one of `PARTITIONINGS`: ``"iid"`` (`iid`), ``"dirichlet"`` (`dirichlet`, label skew),
+            ``"pathological"`` (`pathological`, c classes per client), ``"quantity-skew"``
+            (`quantity_skew`, size skew).
+        num_clients: K.
+        seed: seeds the partitioner.
+        alpha: the Dirichlet concentration of ``"dirichlet"`` and ``"quantity-skew"`` (required there,
+            refused elsewhere).
+        classes_per_client: c of ``"pathological"`` (required there, refused elsewhere).
+
+    Returns:
+        K index arrays into ``y`` (int64), as the named partitioner returns them.
+
+    Raises:
+        ValueError: an unknown scheme, or ``alpha`` / ``classes_per_client`` missing where needed or
+            given where the scheme has no use for it; and whatever the partitioner raises.
+    """
+    check_scheme(scheme, alpha, classes_per_client)
+    if scheme == "iid":
+        return iid(y, num_clients, seed)
+    if scheme == "dirichlet":
+        return dirichlet(y, num_clients, alpha, seed)
+    if scheme == "pathological":
+        return pathological(y, num_clients, classes_per_client, seed)
+    return quantity_skew(y, num_clients, alpha, seed)
+
+
+def check_scheme(scheme: str, alpha: float | None, classes_per_client: int | None) -> None:
+    """Refuse an unknown scheme, or ``alpha`` / ``classes_per_client`` missing where `partition` needs
+    them or given where the scheme has no use for them (a ValueError naming the scheme)."""
+    if scheme not in PARTITIONINGS:
+        raise ValueError(
+            f"unknown partitioning {scheme!r}; choose one of {', '.join(map(repr, PARTITIONINGS))}"
+        )
+    if (alpha is not None) != (scheme in ALPHA_PARTITIONINGS):
+        raise ValueError(
+            f"alpha is {'required' if alpha is None else 'meaningless'} for partitioning {scheme!r} "
+            f"(it applies to {' and '.join(ALPHA_PARTITIONINGS)} only), got alpha={alpha}"
+        )
+    if (classes_per_client is not None) != (scheme == "pathological"):
+        raise ValueError(
+            f"classes_per_client is {'required' if classes_per_client is None else 'meaningless'} for "
+            f"partitioning {scheme!r} (it applies to 'pathological' only), got {classes_per_client}"
+        )
 
 
 def label_histogram(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.datasets import Dataset, load_dataset, load_digits, load_idx, read_idx
+from simulations.datasets import Dataset, load_cifar10, load_dataset, load_digits, load_idx, read_idx
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 
@@ -110,8 +111,8 @@ def test_load_dataset_requires_a_data_dir_for_idx_data_sets() -> None:
 
 
 def test_load_dataset_rejects_an_unknown_name() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
-        load_dataset("cifar10")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
 
 
 def test_load_dataset_reads_idx_data_under_the_requested_name(tmp_path: Path) -> None:
@@ -126,3 +127,64 @@ def test_real_mnist_test_split_has_10000_images_of_every_class() -> None:
     assert 0.0 <= float(data.x.min()) and float(data.x.max()) == 1.0
     counts = torch.bincount(data.y, minlength=10)
     assert len(counts) == 10 and int(counts.min()) > 800
+
+
+def write_tiny_cifar10(
+    folder: Path, split_files: tuple[str, ...], n: int = 4
+) -> tuple[np.ndarray, list[int]]:
+    """Batch files in CIFAR-10's python format: pickled dicts of b"data" uint8 [n, 3072] and b"labels"."""
+    rng = np.random.default_rng(1)
+    images, labels = [], []
+    for name in split_files:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        batch_labels = rng.integers(0, 10, size=n).tolist()
+        (folder / name).write_bytes(
+            pickle.dumps({b"data": data, b"labels": batch_labels, b"batch_label": b"x"})
+        )
+        images.append(data)
+        labels += batch_labels
+    return np.concatenate(images), labels
+
+
+def test_cifar10_loader_reads_the_test_batch_as_rgb_planes_scaled_to_unit_range(tmp_path: Path) -> None:
+    images, labels = write_tiny_cifar10(tmp_path, ("test_batch",))
+    data = load_dataset("cifar10", tmp_path)
+    assert data.x.shape == (4, 3, 32, 32) and data.x.dtype == torch.float32
+    assert data.y.tolist() == labels and (data.name, data.num_classes, data.in_channels) == ("cifar10", 10, 3)
+    # Row i holds 1024 red, then 1024 green, then 1024 blue values, each plane row by row.
+    assert data.x[2, 1, 0, 5] * 255 == pytest.approx(images[2, 1024 + 5], abs=1e-3)
+    assert data.x[3, 2, 31, 31] * 255 == pytest.approx(images[3, 3071], abs=1e-3)
+
+
+def test_cifar10_train_split_concatenates_the_five_data_batches_in_order(tmp_path: Path) -> None:
+    names = tuple(f"data_batch_{i}" for i in range(1, 6))
+    _, labels = write_tiny_cifar10(tmp_path, names, n=2)
+    data = load_cifar10(tmp_path, "train")
+    assert len(data) == 10 and data.y.tolist() == labels
+
+
+def test_cifar10_loader_names_a_missing_batch_file(tmp_path: Path) -> None:
+    write_tiny_cifar10(tmp_path, ("data_batch_1", "data_batch_2"))
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_cifar10(tmp_path, "train")
+
+
+def test_cifar10_loader_rejects_a_batch_of_the_wrong_shape(tmp_path: Path) -> None:
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 784), dtype=np.uint8), b"labels": [0, 1]})
+    )
+    with pytest.raises(ValueError, match=r"b'data' must be uint8 \[N, 3072\], got uint8 \[2, 784\]"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar10_loader_rejects_a_file_that_is_not_a_batch(tmp_path: Path) -> None:
+    (tmp_path / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path)
+
+
+def test_load_dataset_requires_a_data_dir_for_cifar10_and_a_known_split(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cifar-10-batches-py"):
+        load_dataset("cifar10")
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        load_dataset("cifar10", tmp_path, split="test")

@@ -170,7 +170,7 @@ def machine() -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'model':<8} {'K':>2}  {'method':<32} {'acc':>6} {'F1':>6} "
+        f"{'model':<8} {'K':>2}  {'method':<40} {'acc':>6} {'F1':>6} "
         + f"{'fit R2':>7} {'fuse s':>7} {'/train':>7} {'peak MB':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -181,7 +181,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
         memory = "" if r["fusion_peak_mb"] is None else f"{r['fusion_peak_mb']:>8.0f}"
         lines.append(
-            f"{r['model']:<8} {r['parents']:>2}  {r['method']:<32} {r['accuracy']:>6.3f} "
+            f"{r['model']:<8} {r['parents']:>2}  {r['method']:<40} {r['accuracy']:>6.3f} "
             f"{r['macro_f1']:>6.3f} {r2:>7} {timing} {memory}"
         )
     return "\n".join(lines)

@@ -8,18 +8,15 @@ server-side sets are disjoint from every client's data by construction.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from fedfuse import FusionConfig
-from fedfuse.models import build_model
-from simulations.datasets import Dataset, load_dataset
-from simulations.partitioning import dirichlet, iid, split_server_sets
+from simulations.datasets import Dataset
+from simulations.federation import FederatedSplit, federated_split, model_builder
 
 STRATEGIES = ("fedfuse", "fedavg")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -105,26 +102,6 @@ def _typed(key: str, value: object, annotation: str) -> object:
     return value
 
 
-@dataclass(frozen=True)
-class FederatedSplit:
-    """The data set cut three ways by index: client pool, server calibration, server evaluation."""
-
-    data: Dataset
-    pool: np.ndarray
-    calibration: np.ndarray
-    evaluation: np.ndarray
-
-
-@functools.lru_cache(maxsize=4)
-def federated_split(
-    dataset: str, data_dir: str, calibration_size: int, evaluation_size: int, seed: int
-) -> FederatedSplit:
-    """Load the data and split it; cached, since a simulated client process serves many partitions."""
-    data = load_dataset(dataset, Path(data_dir).expanduser() if data_dir else None)
-    pool, calibration, evaluation = split_server_sets(data.y.numpy(), calibration_size, evaluation_size, seed)
-    return FederatedSplit(data, pool, calibration, evaluation)
-
-
 def split_for(settings: RunSettings) -> FederatedSplit:
     return federated_split(
         settings.dataset,
@@ -139,21 +116,12 @@ def client_partition(settings: RunSettings, partition_id: int, num_partitions: i
     """Client ``partition_id``'s share of the pool (never any of the server's examples)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+    alpha = settings.dirichlet_alpha if settings.partitioning == "dirichlet" else None
     split = split_for(settings)
-    labels = split.data.y.numpy()[split.pool]
-    if settings.partitioning == "iid":
-        parts = iid(labels, num_partitions, settings.seed)
-    else:
-        parts = dirichlet(labels, num_partitions, settings.dirichlet_alpha, settings.seed)
-    return split.data.subset(split.pool[parts[partition_id]])
+    indices = split.client_indices(settings.partitioning, num_partitions, settings.seed, alpha=alpha)
+    return split.data.subset(indices[partition_id])
 
 
 def model_factory(settings: RunSettings, data: Dataset) -> Callable[..., nn.Module]:
     """A builder of the run's model for ``data``'s images; ``seed=`` fixes the initial weights."""
-    return functools.partial(
-        build_model,
-        settings.model,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        num_classes=data.num_classes,
-    )
+    return model_builder(settings.model, data)

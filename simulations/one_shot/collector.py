@@ -1,0 +1,77 @@
+"""A FedAvg strategy that also keeps every client's own trained model, and averages in a fixed order.
+
+Flower's FedAvg returns only the average of the clients' models. The harness compares methods on the
+very models the clients trained, so this strategy keeps each valid reply's ArrayRecord under the
+partition id the client reported, and still aggregates the round as FedAvg does: after the one-shot
+round its result is one-shot FedAvg, computed by Flower's own aggregation.
+
+Replies arrive in whatever order the clients finish, and a float sum depends on its order, so the
+replies are put in partition order first: the same setting then gives the same FedAvg model, bit for
+bit, run after run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+
+class ClientCollector(FedAvg):
+    """FedAvg over all ``num_clients`` nodes, no federated evaluation, keeping each client's model and
+    averaging in partition order.
+
+    Attributes:
+        client_arrays: partition id → the ArrayRecord that client sent in the last round.
+        failures: one line per error reply (node id and Flower's reason), for the harness's message.
+        aggregation_seconds: wall-clock seconds of FedAvg's aggregation of the last round.
+    """
+
+    def __init__(self, num_clients: int) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=num_clients,
+            min_available_nodes=num_clients,
+        )
+        self.num_clients = num_clients
+        self.client_arrays: dict[int, ArrayRecord] = {}
+        self.failures: list[str] = []
+        self.aggregation_seconds = 0.0
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Keep every valid reply's arrays by its ``partition-id``, then aggregate as FedAvg, in partition
+        order."""
+        by_partition: dict[int, Message] = {}
+        errors = []
+        for reply in replies:
+            if reply.has_error():
+                self.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                errors.append(reply)
+            else:
+                partition_id = int(reply.content["metrics"]["partition-id"])
+                self.client_arrays[partition_id] = reply.content["arrays"]
+                by_partition[partition_id] = reply
+        started = time.perf_counter()
+        ordered = [by_partition[k] for k in sorted(by_partition)] + errors
+        aggregated = super().aggregate_train(server_round, ordered)
+        self.aggregation_seconds = time.perf_counter() - started
+        return aggregated
+
+    def check_complete(self) -> None:
+        """Raise unless every client replied with a model in every round so far.
+
+        Raises:
+            RuntimeError: naming the partitions that sent no model and the error replies' reasons.
+        """
+        missing = sorted(set(range(self.num_clients)) - set(self.client_arrays))
+        if missing or self.failures:
+            reasons = "; ".join(self.failures) or "no error reply (a timeout?)"
+            raise RuntimeError(
+                f"Flower returned {self.num_clients - len(missing)} of {self.num_clients} client models "
+                f"(partitions without one: {missing}); failed replies: {reasons}"
+            )

@@ -1,0 +1,197 @@
+"""Every method of the comparison, scored on one setting's evaluation set from the same client models.
+
+Rows, in order: each client alone, the best and the mean client, one-shot FedAvg (Flower's
+example-weighted average), FedFuse for every variant and importance method asked for, the logit
+ensemble of the clients (a reference: K models at inference), and optionally FedAvg over R rounds
+with the same total local epochs and central training on the pooled client data (the ceiling).
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+from torch import nn
+
+from fedfuse import FusionConfig, fuse
+from simulations.baselines import ensemble_logits
+from simulations.federation import FederatedSplit, model_builder
+from simulations.one_shot.flower_training import FlowerTraining
+from simulations.one_shot.setting import Setting
+from simulations.training import classification_scores, evaluate, train
+
+#: What FedFuse weights the parents by: per-class label counts (`fuse`'s [K, C] weights: a client's
+#: logit for class c counts in proportion to its examples of c) or example counts ([K]).
+FUSION_WEIGHTS = ("labels", "examples")
+#: The scores of a `Row`, as `simulations.training.classification_scores` names them.
+SCORES = ("accuracy", "macro_f1", "loss")
+_CHECK_EXAMPLES = 10  # calibration examples of `check_fusable`'s trial fusions
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Which methods to run besides the fixed ones (clients, FedAvg one-shot, ensemble).
+
+    Attributes:
+        variants: FedFuse variants (`fedfuse.fusion.config.VARIANTS`).
+        importances: FedFuse importance methods (`fedfuse.fusion.config.IMPORTANCES`).
+        fusion_weights: one of `FUSION_WEIGHTS`.
+        central: also train one model on the pooled client data.
+    """
+
+    variants: tuple[str, ...]
+    importances: tuple[str, ...]
+    fusion_weights: str = "labels"
+    central: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.variants or not self.importances:
+            raise ValueError("MethodOptions needs at least one FedFuse variant and one importance method")
+        if self.fusion_weights not in FUSION_WEIGHTS:
+            raise ValueError(
+                f"fusion_weights must be one of {', '.join(map(repr, FUSION_WEIGHTS))}, "
+                f"got {self.fusion_weights!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method's scores on the evaluation set.
+
+    Attributes:
+        method: its name (``"client 0"``, ``"fedavg one-shot"``, ``"fedfuse linear uniform"``, ...).
+        accuracy, macro_f1: shares in [0, 1]; loss: mean cross-entropy in nats.
+        fusion_seconds: wall-clock seconds to merge the client models into this one (FedAvg's
+            aggregation, FedFuse's fusion); None for methods that merge nothing.
+        client: the partition id of a single client's row; None for every other row.
+    """
+
+    method: str
+    accuracy: float
+    macro_f1: float
+    loss: float
+    fusion_seconds: float | None = None
+    client: int | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The rows of one setting, and each FedFuse run's report (`FusionReport.to_dict`) by method name."""
+
+    rows: list[Row]
+    fusion_reports: dict[str, dict]
+
+
+def compare(
+    setting: Setting,
+    split: FederatedSplit,
+    clients: list[np.ndarray],
+    label_counts: np.ndarray,
+    trained: FlowerTraining,
+    build: Callable[..., nn.Module],
+    options: MethodOptions,
+    *,
+    progress: bool,
+) -> Comparison:
+    """Score every method on ``split``'s evaluation set.
+
+    Args:
+        setting: the run (seeds, epochs, FedAvg rounds).
+        split: the data and the server's calibration and evaluation sets.
+        clients: the K clients' index arrays into ``split.data`` (for central training).
+        label_counts: int [K, C], the clients' label histogram (FedFuse's per-class weights).
+        trained: the client models and FedAvg's, from `train_in_flower`.
+        build: builds the setting's model; ``seed=`` fixes its init.
+        options: which FedFuse runs and references.
+        progress: show the fusion's and central training's progress bars.
+    """
+    evaluation = split.data.subset(split.evaluation)
+    calibration = split.data.subset(split.calibration)
+
+    def score(method: str, model: nn.Module, **extra: float | int | None) -> Row:
+        return Row(method, **_scores(evaluate(model, evaluation.x, evaluation.y)), **extra)
+
+    rows = [score(f"client {k}", model, client=k) for k, model in enumerate(trained.client_models)]
+    best = max(rows, key=lambda row: row.accuracy)
+    mean = {key: statistics.mean(getattr(row, key) for row in rows) for key in SCORES}
+    rows += [replace(best, method="best client", client=None), Row("mean client", **mean)]
+    rows.append(score("fedavg one-shot", trained.fedavg_one_shot, fusion_seconds=trained.fedavg_seconds))
+
+    weights = label_counts if options.fusion_weights == "labels" else label_counts.sum(axis=1)
+    reports = {}
+    for variant in options.variants:
+        for importance in options.importances:
+            method = f"fedfuse {variant} {importance}"
+            config = FusionConfig(
+                variant=variant, importance=importance, seed=setting.seed, progress=progress
+            )
+            result = fuse(
+                trained.client_models, (calibration.x, calibration.y), config=config, weights=weights
+            )
+            rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
+            reports[method] = result.report.to_dict()
+
+    ensemble = classification_scores(ensemble_logits(trained.client_models, evaluation.x), evaluation.y)
+    rows.append(Row("ensemble", **_scores(ensemble)))
+    if trained.fedavg_rounds is not None:
+        rows.append(score(f"fedavg {setting.fedavg_rounds} rounds", trained.fedavg_rounds))
+    if options.central:
+        rows.append(score("central", _train_central(setting, split, clients, build, progress)))
+    return Comparison(rows, reports)
+
+
+def check_fusable(setting: Setting, split: FederatedSplit, options: MethodOptions) -> None:
+    """Fuse two untrained models of the setting on a few calibration examples with every FedFuse
+    configuration asked for, so that one the engine refuses (the linear variant and a ResNet, say)
+    stops the run before any training, not after. Costs about a second a configuration.
+
+    Raises:
+        ValueError: naming the variant, the importance method and the model, with the engine's reason.
+    """
+    build = model_builder(setting.model, split.data)
+    parents = [build(seed=setting.client_init_seed(k)) for k in range(2)]
+    sample = split.data.subset(split.calibration[:_CHECK_EXAMPLES])
+    for variant in options.variants:
+        for importance in options.importances:
+            config = FusionConfig(variant=variant, importance=importance, seed=setting.seed)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # few examples: underdetermined fits are expected
+                    fuse(parents, (sample.x, sample.y), config=config)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"FedFuse's {variant} variant with {importance} importance cannot fuse {setting.model!r} "
+                    f"models: {error}"
+                ) from error
+
+
+def _train_central(
+    setting: Setting,
+    split: FederatedSplit,
+    clients: list[np.ndarray],
+    build: Callable[..., nn.Module],
+    progress: bool,
+) -> nn.Module:
+    """One model trained on all clients' data pooled, from the shared init, for the same local epochs."""
+    pooled = np.concatenate(clients)
+    model = build(seed=setting.shared_init_seed())
+    train(
+        model,
+        split.data.x[pooled],
+        split.data.y[pooled],
+        epochs=setting.epochs,
+        lr=setting.lr,
+        batch_size=setting.batch_size,
+        seed=setting.central_seed(),
+        progress=progress,
+        description="central training",
+    )
+    return model.eval()
+
+
+def _scores(scores: dict[str, float]) -> dict[str, float]:
+    """The scores a `Row` keeps, from `classification_scores`' dict."""
+    return {key: scores[key] for key in SCORES}
