@@ -49,11 +49,17 @@ def test_the_apps_defaults_are_a_one_shot_fedfuse_run_on_the_embedded_digits():
 def test_fusion_options_reach_the_fusion_config():
     settings = RunSettings.from_run_config(
         app_config(
-            **{"fusion-grouping": "hungarian", "fusion-importance": "conductance", "fusion-ridge": 0.01}
+            **{
+                "fusion-variant": "gradient",
+                "fusion-grouping": "hungarian",
+                "fusion-importance": "conductance",
+                "fusion-ridge": 0.01,
+            }
         )
     )
     config = settings.fusion_config()
-    assert (config.grouping, config.importance, config.ridge, config.seed) == (
+    assert (config.variant, config.grouping, config.importance, config.ridge, config.seed) == (
+        "gradient",
         "hungarian",
         "conductance",
         0.01,

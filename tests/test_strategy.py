@@ -565,3 +565,29 @@ def test_replies_are_checked_against_the_global_model_sent_not_against_model_fn(
 
     assert result.train_metrics_clientapp[1]["fusion-clients"] == 3
     assert {array.dtype for array in result.arrays.values()} == {"float64"}
+
+
+def test_a_residual_network_with_batchnorm_is_fused_by_the_gradient_variant_keeping_keys_and_dtypes():
+    """Clients training a declared architecture (a ResNet with BatchNorm buffers, int64 counters
+    included): the strategy fuses it with the gradient variant and returns exactly what they sent."""
+    from fedfuse.models import build_model
+
+    def resnet(seed: int | None = None) -> nn.Module:
+        return build_model("resnet8", in_channels=1, image_size=8, num_classes=3, seed=seed, width=4)
+
+    images = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    strategy = FedFuse(
+        model_fn=resnet,
+        calibration=images,
+        fusion_config=FusionConfig(variant="gradient", epochs=2),
+        min_train_nodes=2,
+    )
+    states = [resnet(seed).state_dict() for seed in (1, 2)]
+    arrays, metrics = strategy.aggregate_train(1, [reply(5, states[0]), reply(6, states[1])])
+    assert arrays is not None and metrics["fusion-clients"] == 2
+    sent = ArrayRecord(states[0])
+    assert list(arrays.keys()) == list(sent.keys())
+    assert all(arrays[key].dtype == sent[key].dtype and arrays[key].shape == sent[key].shape for key in sent)
+    fused = resnet()
+    fused.load_state_dict(arrays.to_torch_state_dict())
+    assert fused(images).shape == (60, 3)

@@ -346,7 +346,8 @@ def _to_arrayrecord(model: nn.Module, reference: dict[str, ArraySpec]) -> ArrayR
         array = state[key].detach().cpu().numpy()
         if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
             raise ValueError(f"the fused array '{key}' holds NaN or Inf")
-        arrays[key] = Array(np.ascontiguousarray(array.astype(spec.dtype, copy=False)))
+        # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
+        arrays[key] = Array(np.array(array, dtype=spec.dtype, order="C"))
     return ArrayRecord(arrays)
 
 

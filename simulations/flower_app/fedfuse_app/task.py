@@ -44,6 +44,7 @@ class RunSettings:
     evaluation_size: int
     min_nodes: int
     seed: int
+    fusion_variant: str
     fusion_grouping: str
     fusion_importance: str
     fusion_ridge: float
@@ -85,6 +86,7 @@ class RunSettings:
 
     def fusion_config(self) -> FusionConfig:
         return FusionConfig(
+            variant=self.fusion_variant,
             grouping=self.fusion_grouping,
             importance=self.fusion_importance,
             ridge=self.fusion_ridge,
