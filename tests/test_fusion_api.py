@@ -200,6 +200,11 @@ def test_twice_as_wide_a_fusion_of_two_parents_keeps_each_parents_neurons_apart(
     assert all(level.fit_r2 > 1 - 1e-6 for level in result.report.levels)
 
 
+def test_a_fused_model_wider_than_all_parents_neurons_together_is_refused() -> None:
+    with pytest.raises(ValueError, match="width_multiplier 3 asks for more groups than the 2 parents"):
+        fuse(independent_parents(2), INPUTS, FusionConfig(width_multiplier=3.0))
+
+
 def test_hungarian_matching_cannot_change_the_width() -> None:
     with pytest.raises(ValueError, match="one to one"):
         fuse(independent_parents(2), INPUTS, FusionConfig(grouping="hungarian", width_multiplier=2.0))

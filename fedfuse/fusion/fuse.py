@@ -103,6 +103,11 @@ def fuse(
     fused = copy.deepcopy(models[0])
     widths: list[int | None] = [None] * len(units)
     if config.width_multiplier != 1:
+        if config.width_multiplier > len(models) > 1:
+            raise ValueError(
+                f"width_multiplier {config.width_multiplier:g} asks for more groups than the {len(models)} "
+                f"parents have neurons; at most {len(models)} (every parent neuron kept apart)"
+            )
         if config.variant == "gradient" and declared_levels(models[0], levels) is not None:
             raise ValueError(
                 "width_multiplier resizes nn.Sequential chains; declared architectures keep their width"

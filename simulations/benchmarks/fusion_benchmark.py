@@ -144,6 +144,7 @@ def benchmark_setting(
         if variant == "gradient" or chain  # the linear variant fits chains of Linear/Conv2d only
         for imp in args.importance
         for width in (args.widths if chain else [1.0])  # declared architectures keep their width
+        if width <= parents  # more groups than parent neurons cannot be made
     ]
     if parents == 2 and chain and "linear" in args.variants:
         configs.append(("fedfuse linear hungarian", FusionConfig(grouping="hungarian", seed=args.seed)))
