@@ -208,3 +208,13 @@ def test_a_fused_model_wider_than_all_parents_neurons_together_is_refused() -> N
 def test_hungarian_matching_cannot_change_the_width() -> None:
     with pytest.raises(ValueError, match="one to one"):
         fuse(independent_parents(2), INPUTS, FusionConfig(grouping="hungarian", width_multiplier=2.0))
+
+
+def test_the_engine_and_the_zoo_never_import_flower() -> None:
+    """The layers show in the folders: fusion and models are pure PyTorch, usable without Flower."""
+    import subprocess
+    import sys
+
+    code = "import sys, fedfuse, fedfuse.fusion, fedfuse.models; print('flwr' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
