@@ -151,3 +151,12 @@ def test_renormalizing_batchnorm_keeps_the_function_and_matches_the_statistics()
     assert torch.allclose(before, after, atol=1e-5)
     assert torch.allclose(block[1].running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(block[1].running_var, conv_out.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4)
+
+
+def test_a_declared_architecture_cannot_be_resized_by_a_width_multiplier() -> None:
+    with pytest.raises(ValueError, match="declared architectures keep their width"):
+        fuse(
+            [TwoBlockNet(), TwoBlockNet()],
+            torch.randn(16, 10),
+            FusionConfig(variant="gradient", width_multiplier=2.0),
+        )

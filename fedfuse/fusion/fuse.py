@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.context import FusionContext
-from fedfuse.fusion.declared import LevelSpec, declared_levels
+from fedfuse.fusion.declared import LevelSpec
 from fedfuse.fusion.gradient import GradientFusion
 from fedfuse.fusion.levels import find_levels
 from fedfuse.fusion.linear import LinearFusion
@@ -84,8 +84,9 @@ def fuse(
     models = list(models)
     check_parents(models)
     calibration_set = CalibrationSet(calibration, config.batch_size)
+    declared = levels is not None or hasattr(models[0], "fusion_levels")
     if config.variant == "linear":
-        if levels is not None or hasattr(models[0], "fusion_levels"):
+        if declared:
             raise ValueError(
                 "declared levels are fitted by the gradient variant: use FusionConfig(variant='gradient')"
             )
@@ -93,6 +94,16 @@ def fuse(
         outputs = units[-1].width
     else:
         units = segments_of(models[0], levels)
+    if config.width_multiplier != 1:
+        if config.width_multiplier > len(models) > 1:
+            raise ValueError(
+                f"width_multiplier {config.width_multiplier:g} asks for more groups than the {len(models)} "
+                f"parents have neurons; at most {len(models)} (every parent neuron kept apart)"
+            )
+        if declared:
+            raise ValueError(
+                "width_multiplier resizes nn.Sequential chains; declared architectures keep their width"
+            )
     parameter = next(models[0].parameters(), None)
     if parameter is None:
         raise ValueError("the models have no parameters to fuse")
@@ -103,15 +114,6 @@ def fuse(
     fused = copy.deepcopy(models[0])
     widths: list[int | None] = [None] * len(units)
     if config.width_multiplier != 1:
-        if config.width_multiplier > len(models) > 1:
-            raise ValueError(
-                f"width_multiplier {config.width_multiplier:g} asks for more groups than the {len(models)} "
-                f"parents have neurons; at most {len(models)} (every parent neuron kept apart)"
-            )
-        if config.variant == "gradient" and declared_levels(models[0], levels) is not None:
-            raise ValueError(
-                "width_multiplier resizes nn.Sequential chains; declared architectures keep their width"
-            )
         widths = resize_hidden_levels(fused, config.width_multiplier, config.seed)
     if len(models) == 1:
         return FusionResult(fused, _report(config, 1, calibration_set, [], started))
