@@ -5,9 +5,28 @@ zoo), `fedfuse.strategy` (the Flower strategy; needs the ``flower`` extra). ``Fe
 lazily so that the engine works without Flower installed.
 """
 
-from fedfuse.fusion import FusionConfig, FusionReport, FusionResult, LevelReport, fuse
+from fedfuse.fusion import (
+    FusionConfig,
+    FusionReport,
+    FusionResult,
+    LevelPlan,
+    LevelReport,
+    LevelSpec,
+    describe_levels,
+    fuse,
+)
 
-__all__ = ["FedFuse", "FusionConfig", "FusionReport", "FusionResult", "LevelReport", "fuse"]
+__all__ = [
+    "FedFuse",
+    "FusionConfig",
+    "FusionReport",
+    "FusionResult",
+    "LevelPlan",
+    "LevelReport",
+    "LevelSpec",
+    "describe_levels",
+    "fuse",
+]
 __version__ = "0.1.0"
 
 

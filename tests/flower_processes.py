@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 APP_DIR = Path(__file__).resolve().parents[1] / "simulations" / "flower_app"
+QUICKSTART_DIR = APP_DIR.parent / "quickstart_app"
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Test helper: a copy of a sequential model with its hidden neurons shuffled, computing the same function."""
+"""Test helpers: copies of a model with their hidden neurons shuffled, computing the same function."""
 
 from __future__ import annotations
 
@@ -7,34 +7,48 @@ import copy
 import torch
 from torch import nn
 
-from fedfuse.fusion.levels import find_levels
+from fedfuse.fusion.levels import plan_levels
 
 
-def permuted_copy(model: nn.Sequential, seed: int) -> nn.Sequential:
-    """Shuffle the neurons of every level but the output one (and its BatchNorm), and the next level's
-    inputs to match, so the copy computes exactly the model's function with its neurons reordered."""
+def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) -> nn.Module:
+    """Shuffle the neurons of every free space of a traced model whose levels are all layers: the outputs
+    of every layer (and BatchNorm) writing into a space, and the inputs of every layer reading from it
+    (a block of positions per channel after a flatten). The copy must compute the model's function exactly,
+    which this checks on ``example``: a space the plan got wrong would break it."""
+    inputs = example[0] if isinstance(example, tuple) else example
+    plan = plan_levels(copy.deepcopy(model).eval(), inputs[:8])
     generator = torch.Generator().manual_seed(seed)
+    orders = {
+        name: torch.randperm(space.width, generator=generator)
+        for name, space in plan.spaces.items()
+        if not space.fixed
+    }
     permuted = copy.deepcopy(model)
-    leaves, levels = find_levels(permuted)
     with torch.no_grad():
-        for level, following in zip(levels, levels[1:]):
-            order = torch.randperm(level.width, generator=generator)
-            layer = leaves.module(level.name)
-            layer.weight.copy_(layer.weight[order])
-            if layer.bias is not None:
-                layer.bias.copy_(layer.bias[order])
-            if level.norm:
-                norm = leaves.module(level.norm)
-                for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
-                    tensor.copy_(tensor[order])
-            _permute_inputs(leaves.module(following.name), order)
+        for level in plan.levels:
+            layer = permuted.get_submodule(level.layer)
+            if level.space in orders:
+                order = orders[level.space]
+                layer.weight.copy_(layer.weight[order])
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias[order])
+                if level.norm:
+                    norm = permuted.get_submodule(level.norm)
+                    for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+                        if tensor is not None:
+                            tensor.copy_(tensor[order])
+            if level.source in orders:
+                _permute_inputs(layer, orders[level.source])
+        model.eval(), permuted.eval()
+        assert torch.allclose(permuted(inputs), model(inputs), atol=1e-5, rtol=1e-4), (
+            "the permutation changed the function"
+        )
     return permuted
 
 
 def _permute_inputs(layer: nn.Module, order: torch.Tensor) -> None:
     weight = layer.weight
-    channels = len(order)
-    grouped = weight.view(weight.shape[0], channels, -1)  # a Linear after Flatten sees channel blocks
+    grouped = weight.view(weight.shape[0], len(order), -1)  # a Linear after a flatten sees channel blocks
     weight.copy_(grouped[:, order].reshape(weight.shape))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedfuse import FusionConfig, FusionReport, fuse
-from fedfuse.fusion.grouping import _embedding
+from fedfuse.fusion.clustering import _embedding
 
 
 def cnn_bn() -> nn.Sequential:

@@ -1,5 +1,5 @@
-"""Fusing the zoo's real architectures with the gradient variant: residual networks with BatchNorm, a
-vision transformer, and VGG with both variants."""
+"""Fusing the zoo's real architectures, their levels found by tracing: residual networks with BatchNorm
+(either variant), a vision transformer (gradient variant: attention and LayerNorm make blocks), and VGG."""
 
 from __future__ import annotations
 
@@ -31,19 +31,34 @@ def images() -> torch.Tensor:
     return torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def test_fusing_two_permuted_resnets_by_matching_recovers_the_function(images: torch.Tensor) -> None:
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_fusing_two_permuted_resnets_by_matching_recovers_the_function(
+    images: torch.Tensor, variant: str
+) -> None:
+    """Each convolution is its own level; the identity block's conv2 and each projection block's conv2 and
+    shortcut share their stream's grouping, and conv2 is fitted to the stream's target minus the fused
+    shortcut."""
     torch.manual_seed(0)
     model = trained_statistics(zoo_model("resnet8"), images)
     copy_ = permuted_resnet_copy(model, seed=1)
-    result = fuse([model, copy_], images, FusionConfig(variant="gradient", grouping="hungarian"))
-    assert [level.grouping for level in result.report.levels] == [
-        "hungarian",
-        "stream",
-        "hungarian",
-        "hungarian",
-        "index",
+    result = fuse([model, copy_], images, FusionConfig(variant=variant, grouping="hungarian", ridge=0.0))
+    assert [(level.name, level.grouping) for level in result.report.levels] == [
+        ("stem.0", "hungarian"),
+        ("blocks.0.conv1", "hungarian"),
+        ("blocks.0.conv2", "stream"),
+        ("blocks.1.conv1", "hungarian"),
+        ("blocks.1.conv2", "hungarian"),
+        ("blocks.1.shortcut.0", "stream"),
+        ("blocks.2.conv1", "hungarian"),
+        ("blocks.2.conv2", "hungarian"),
+        ("blocks.2.shortcut.0", "stream"),
+        ("head.2", "index"),
     ]
-    assert_same_function(result.model, model, torch.rand(100, 1, 8, 8), tolerance=1e-4)
+    # float64 statistics, float32 weights, rank-deficient patches of 1x1 maps: the closed form is exact
+    # to 1e-3
+    assert_same_function(
+        result.model, model, torch.rand(100, 1, 8, 8), tolerance=1e-3 if variant == "linear" else 1e-4
+    )
 
 
 def test_fusing_three_permuted_resnets_by_kmeans_recovers_the_function_closely(images: torch.Tensor) -> None:
@@ -64,7 +79,7 @@ def test_fusing_permuted_vits_recovers_the_function(
     model = zoo_model("vit").eval()
     parents = [model, permuted_vit_copy(model, seed=1), permuted_vit_copy(model, seed=2)]
     result = fuse(parents, images, FusionConfig(variant="gradient", level_init=level_init))
-    assert [level.grouping for level in result.report.levels] == ["kmeans"] + ["stream"] * 4 + ["index"]
+    assert [level.grouping for level in result.report.levels] == ["kmeans"] + ["stream"] * 11 + ["index"]
     assert result.report.mean_fit_r2 > 0.95
     assert_same_function(result.model, model, torch.rand(100, 1, 8, 8), tolerance=tolerance)
 

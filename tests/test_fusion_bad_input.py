@@ -71,7 +71,9 @@ def test_labels_that_do_not_match_the_inputs_are_an_error() -> None:
 def test_a_calibration_set_smaller_than_the_fan_in_warns_and_the_ridge_keeps_the_solve_finite() -> None:
     torch.manual_seed(0)
     wide = [nn.Sequential(nn.Linear(50, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
-    with pytest.warns(UserWarning, match=r"level '0': 20 calibration rows for a fan-in of 51"):
+    with pytest.warns(
+        UserWarning, match=r"level '0': the 20 calibration rows span only 20 of the 51 dimensions"
+    ):
         result = fuse(wide, torch.randn(20, 50))
     assert result.report.levels[0].ill_posed
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -115,43 +117,41 @@ def test_config_values_are_validated_at_the_boundary(field: str, value: object, 
         FusionConfig(**{field: value})
 
 
-def test_models_that_are_not_sequential_are_refused_with_the_reason() -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(6, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x)
-
-    with pytest.raises(TypeError, match="fuses nn.Sequential models"):
-        fuse([Net(), Net()], CALIBRATION)
-
-
 @pytest.mark.parametrize(
-    ("model", "message"),
+    ("model", "inputs", "message"),
     [
         (
             nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)),
-            r"module '1' \(LayerNorm\) holds parameters",
+            CALIBRATION,
+            r"module '1' \(LayerNorm\) holds parameters that only the gradient variant fits",
         ),
         (
             nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 3)),
-            "does not directly follow",
+            CALIBRATION,
+            "BatchNorm '2' does not directly follow",
         ),
-        (nn.Sequential(nn.Conv2d(6, 8, 1, groups=2), nn.Flatten(), nn.Linear(8, 3)), "groups=2"),
-        (nn.Sequential(nn.ReLU(), nn.Flatten()), "no Linear or Conv2d"),
+        (
+            nn.Sequential(nn.Conv2d(6, 8, 1, groups=2), nn.Flatten(), nn.Linear(8, 3)),
+            CALIBRATION.view(64, 6, 1, 1),
+            "convolution '0' has groups=2",
+        ),
     ],
 )
-def test_modules_the_linear_variant_cannot_fuse_are_named(model: nn.Module, message: str) -> None:
+def test_modules_the_linear_variant_cannot_fuse_are_named(model: nn.Module, inputs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        fuse([model, copy.deepcopy(model)], inputs)
+
+
+def test_a_model_without_parameters_is_refused() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Flatten())
+    with pytest.raises(ValueError, match="no parameters to fuse"):
         fuse([model, copy.deepcopy(model)], CALIBRATION)
 
 
-def test_a_module_used_twice_is_refused() -> None:
+def test_a_module_registered_twice_is_refused_with_both_names() -> None:
     shared = nn.Linear(6, 6)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 3))
-    with pytest.raises(ValueError, match="'2' is the same object as '0'"):
+    with pytest.raises(ValueError, match="module '2' is the same module as '0'"):
         fuse([model, copy.deepcopy(model)], CALIBRATION)
 
 

@@ -21,7 +21,11 @@ def test_gradient_fusion_of_permuted_copies_recovers_the_function() -> None:
     torch.manual_seed(0)
     calibration = torch.randn(300, 3, 12, 12)
     model = trained_statistics(cnn(batch_norm=True), calibration)
-    parents = [model, permuted_copy(model, seed=1), permuted_copy(model, seed=2)]
+    parents = [
+        model,
+        permuted_copy(model, seed=1, example=calibration),
+        permuted_copy(model, seed=2, example=calibration),
+    ]
     result = fuse(parents, calibration, GRADIENT)
     assert_same_function(result.model, model, torch.randn(100, 3, 12, 12), tolerance=1e-4)
     assert all(level.epochs is not None for level in result.report.levels)
@@ -33,7 +37,7 @@ def test_a_fresh_level_init_is_trained_to_the_targets() -> None:
     model = mlp().eval()
     calibration = torch.randn(500, 20)
     result = fuse(
-        [model, permuted_copy(model, seed=1)],
+        [model, permuted_copy(model, seed=1, example=calibration)],
         calibration,
         FusionConfig(variant="gradient", level_init="fresh"),
     )
@@ -154,7 +158,7 @@ def test_renormalizing_batchnorm_keeps_the_function_and_matches_the_statistics()
 
 
 def test_a_declared_architecture_cannot_be_resized_by_a_width_multiplier() -> None:
-    with pytest.raises(ValueError, match="declared architectures keep their width"):
+    with pytest.raises(ValueError, match="declared levels keep their width"):
         fuse(
             [TwoBlockNet(), TwoBlockNet()],
             torch.randn(16, 10),

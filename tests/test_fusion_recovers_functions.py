@@ -63,7 +63,9 @@ def test_fusing_permuted_copies_of_an_mlp_recovers_the_function(grouping: str) -
     model = mlp().eval()
     calibration, held_out = torch.randn(400, 20), torch.randn(200, 20)
     result = fuse(
-        [model, permuted_copy(model, seed=1)], calibration, FusionConfig(grouping=grouping, ridge=0.0)
+        [model, permuted_copy(model, seed=1, example=calibration)],
+        calibration,
+        FusionConfig(grouping=grouping, ridge=0.0),
     )
     assert_same_function(result.model, model, held_out, tolerance=1e-4)
     assert all(level.grouping_cost < 1e-8 for level in result.report.levels)
@@ -78,7 +80,7 @@ def test_fusing_four_permuted_copies_of_a_cnn_recovers_the_function(
     torch.manual_seed(0)
     calibration, held_out = torch.randn(300, 3, 12, 12), torch.randn(100, 3, 12, 12)
     model = trained_statistics(cnn(batch_norm), calibration)
-    parents = [model] + [permuted_copy(model, seed=s) for s in (1, 2, 3)]
+    parents = [model] + [permuted_copy(model, seed=s, example=calibration) for s in (1, 2, 3)]
     result = fuse(parents, calibration, FusionConfig(importance=importance, ridge=0.0))
     assert_same_function(result.model, model, held_out, tolerance=1e-4)
 
@@ -97,7 +99,9 @@ def test_convolutions_of_any_kernel_stride_and_padding_are_recovered(conv: nn.Co
     torch.manual_seed(0)
     model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(6, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     calibration, held_out = torch.randn(200, 2, 10, 10), torch.randn(50, 2, 10, 10)
-    result = fuse([model, permuted_copy(model, seed=4)], calibration, FusionConfig(ridge=0.0))
+    result = fuse(
+        [model, permuted_copy(model, seed=4, example=calibration)], calibration, FusionConfig(ridge=0.0)
+    )
     assert_same_function(result.model, model, held_out, tolerance=1e-4)
 
 
@@ -106,7 +110,11 @@ def test_attribution_importance_methods_still_recover_permuted_copies() -> None:
     model = mlp().eval()
     calibration = (torch.randn(200, 20), torch.randint(0, 5, (200,)))
     for importance in ("conductance", "deeplift"):
-        result = fuse([model, permuted_copy(model, seed=2)], calibration, FusionConfig(importance=importance))
+        result = fuse(
+            [model, permuted_copy(model, seed=2, example=calibration)],
+            calibration,
+            FusionConfig(importance=importance),
+        )
         assert_same_function(result.model, model, torch.randn(100, 20), tolerance=1e-2)
 
 
@@ -116,7 +124,9 @@ def test_fused_batchnorm_statistics_match_the_fused_layer_outputs() -> None:
     torch.manual_seed(0)
     calibration = torch.randn(512, 3, 12, 12)
     model = trained_statistics(cnn(batch_norm=True), calibration)
-    fused = fuse([model, permuted_copy(model, seed=1)], calibration, FusionConfig()).model
+    fused = fuse(
+        [model, permuted_copy(model, seed=1, example=calibration)], calibration, FusionConfig()
+    ).model
     conv, norm = fused[0][0], fused[0][1]
     with torch.no_grad():
         outputs = conv(calibration)

@@ -1,5 +1,5 @@
-"""VGG11, ResNet and ViT: shapes on every image size we use, the fusion level declarations, the structure
-those declarations rely on, validation, seeding, and a quick check that each learns digits."""
+"""VGG11, ResNet and ViT: shapes on every image size we use, the levels and streams that tracing finds in
+them, validation, seeding, and a quick check that each learns digits."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedfuse import FusionConfig, fuse
-from fedfuse.fusion.declared import LevelSpec, declared_levels
-from fedfuse.fusion.levels import find_levels
+from fedfuse import FusionConfig, describe_levels, fuse
 from fedfuse.models import VGG11, BasicBlock, ResNet, TransformerBlock, ViT, build_model
 from simulations.training import evaluate, train
 
@@ -21,30 +19,11 @@ SMALL = {
     "resnet18": {"width": 8},
     "vit": {"dim": 32, "depth": 2},
 }
-DECLARING = ("resnet8", "resnet18", "vit")
 SIZES = [(1, 8), (3, 8), (1, 28), (3, 28), (1, 32), (3, 32)]
 
 
 def small(name: str, channels: int = 1, size: int = 8, seed: int | None = 0) -> nn.Module:
     return build_model(name, in_channels=channels, image_size=size, num_classes=7, seed=seed, **SMALL[name])
-
-
-def level_inputs_and_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple, torch.Tensor]]:
-    """(module name, positional inputs, output) of each declared level, in the order they ran."""
-    calls: list[tuple[str, tuple, torch.Tensor]] = []
-    modules = dict(model.named_modules())
-    handles = [
-        modules[spec.module].register_forward_hook(
-            lambda _, args, out, name=spec.module: calls.append((name, args, out))
-        )
-        for spec in model.fusion_levels()
-    ]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -56,33 +35,17 @@ def test_every_architecture_maps_8_28_and_32_pixel_images_to_logits(
     assert model(torch.rand(3, channels, size, size)).shape == (3, 7)
 
 
-@pytest.mark.parametrize("name", DECLARING)
+@pytest.mark.parametrize("name", [*SMALL])
 @pytest.mark.parametrize("size", [8, 28])
-def test_declared_levels_pass_the_fusion_check(name: str, size: int) -> None:
+def test_tracing_finds_every_zoo_models_levels_with_no_declaration(name: str, size: int) -> None:
     model = small(name, size=size)
-    specs = declared_levels(model, None)
-    assert specs == model.fusion_levels()
-    assert specs[-1] == LevelSpec("head")
-
-
-@pytest.mark.parametrize("name", DECLARING)
-def test_declared_levels_run_once_each_in_order_each_fed_by_the_one_before(name: str) -> None:
-    model = small(name).eval()
-    x = torch.rand(4, 1, 8, 8)
-    calls = level_inputs_and_outputs(model, x)
-    assert [call[0] for call in calls] == [spec.module for spec in model.fusion_levels()]
-    assert calls[0][1][0] is x and all(len(args) == 1 for _, args, _ in calls)
-    for (_, _, before), (_, args, _) in zip(calls, calls[1:]):
-        assert args[0] is before
-    torch.testing.assert_close(calls[-1][2], model(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", DECLARING)
-def test_every_parameter_lies_in_exactly_one_declared_level(name: str) -> None:
-    model = small(name)
-    levels = [spec.module for spec in model.fusion_levels()]
-    for parameter, _ in model.named_parameters():
-        assert sum(parameter.startswith(level + ".") for level in levels) == 1, parameter
+    assert not hasattr(model, "fusion_levels")
+    plan = describe_levels(model, torch.rand(4, 1, size, size))
+    assert plan.traced and plan.output_width == 7
+    owners = [level.name for level in plan.levels for _ in level.parameters]
+    parameters = [p for level in plan.levels for p in level.parameters]
+    assert sorted(parameters) == sorted(name for name, _ in model.named_parameters()), owners
+    assert plan.levels[-1].kind == "linear" and plan.spaces[plan.levels[-1].space].classes
 
 
 @pytest.mark.parametrize("name", [*SMALL])
@@ -93,32 +56,30 @@ def test_no_module_object_is_used_twice_and_nothing_is_in_place(name: str) -> No
     assert not any(getattr(module, "inplace", False) for module in modules)
 
 
-def test_resnet8_declares_the_stem_stream_for_its_identity_block_and_new_streams_for_projections() -> None:
+def streams(model: nn.Module, size: int = 8) -> dict[str, tuple[str, ...]]:
+    """The levels of each stream (a space shared by several levels) that tracing finds."""
+    plan = describe_levels(model, torch.rand(2, model.stem[0].in_channels, size, size))
+    return {name: space.levels for name, space in plan.spaces.items() if len(space.levels) > 1}
+
+
+def test_resnet8_identity_block_adds_into_the_stem_stream_and_each_projection_opens_a_new_one() -> None:
     model = ResNet(8, in_channels=1, num_classes=10, image_size=28)
-    assert model.fusion_levels() == [
-        LevelSpec("stem"),
-        LevelSpec("blocks.0", stream="stem"),
-        LevelSpec("blocks.1"),
-        LevelSpec("blocks.2"),
-        LevelSpec("head"),
-    ]
+    assert streams(model) == {
+        "stem.0": ("stem.0", "blocks.0.conv2"),
+        "blocks.1.conv2": ("blocks.1.conv2", "blocks.1.shortcut.0"),
+        "blocks.2.conv2": ("blocks.2.conv2", "blocks.2.shortcut.0"),
+    }
     assert [block.projects for block in model.blocks] == [False, True, True]
 
 
 def test_resnet18_identity_blocks_share_the_stream_of_the_block_that_opened_their_stage() -> None:
     model = ResNet(18, in_channels=3, num_classes=10, image_size=32, width=8)
-    assert model.fusion_levels() == [
-        LevelSpec("stem"),
-        LevelSpec("blocks.0", stream="stem"),
-        LevelSpec("blocks.1", stream="stem"),
-        LevelSpec("blocks.2"),
-        LevelSpec("blocks.3", stream="blocks.2"),
-        LevelSpec("blocks.4"),
-        LevelSpec("blocks.5", stream="blocks.4"),
-        LevelSpec("blocks.6"),
-        LevelSpec("blocks.7", stream="blocks.6"),
-        LevelSpec("head"),
-    ]
+    assert streams(model, 32) == {
+        "stem.0": ("stem.0", "blocks.0.conv2", "blocks.1.conv2"),
+        "blocks.2.conv2": ("blocks.2.conv2", "blocks.2.shortcut.0", "blocks.3.conv2"),
+        "blocks.4.conv2": ("blocks.4.conv2", "blocks.4.shortcut.0", "blocks.5.conv2"),
+        "blocks.6.conv2": ("blocks.6.conv2", "blocks.6.shortcut.0", "blocks.7.conv2"),
+    }
     widths = [block.conv2.out_channels for block in model.blocks]
     assert widths == [8, 8, 16, 16, 32, 32, 64, 64]
 
@@ -136,13 +97,15 @@ def test_a_block_sharing_a_stream_keeps_its_input_shape_and_adds_into_it() -> No
     assert projecting.projects and projecting(x).shape == (2, 12, 3, 3)
 
 
-def test_vit_blocks_all_share_the_embedding_stream_and_keep_the_token_shape() -> None:
+def test_vit_blocks_are_traced_as_blocks_of_the_embedding_stream_and_keep_the_token_shape() -> None:
     model = ViT(in_channels=1, num_classes=10, image_size=28, patch_size=4, dim=32, depth=3, heads=4)
-    assert model.fusion_levels() == [
-        LevelSpec("embed"),
-        *(LevelSpec(f"blocks.{i}", stream="embed") for i in range(3)),
-        LevelSpec("head"),
+    plan = describe_levels(model, torch.rand(2, 1, 28, 28))
+    stream = plan.spaces["embed.projection"]
+    halves = [f"blocks.{i}[norm1..attention.out]" for i in range(3)] + [
+        f"blocks.{i}[norm2..mlp.2]" for i in range(3)
     ]
+    assert set(halves) <= set(stream.levels)
+    assert all(plan.variants(level) == ("gradient",) for level in plan.levels if level.name in halves)
     assert all(isinstance(block, TransformerBlock) for block in model.blocks)
     tokens = model.embed(torch.rand(2, 1, 28, 28))
     assert tokens.shape == (2, 7 * 7 + 1, 32)
@@ -151,8 +114,7 @@ def test_vit_blocks_all_share_the_embedding_stream_and_keep_the_token_shape() ->
 
 def test_vgg11_is_a_chain_whose_levels_the_linear_variant_finds_with_their_batch_norms() -> None:
     model = build_model("vgg11-bn", in_channels=1, image_size=28, num_classes=10, width_multiplier=0.25)
-    assert declared_levels(model, None) is None
-    _, levels = find_levels(model)
+    levels = describe_levels(model, torch.rand(2, 1, 28, 28)).levels
     assert [level.kind for level in levels] == ["conv2d"] * 8 + ["linear"] * 2
     assert all(level.norm is not None for level in levels[:-1]) and levels[-1].norm is None
     assert [level.width for level in levels] == [16, 32, 64, 64, 128, 128, 128, 128, 128, 10]

@@ -87,8 +87,8 @@ def test_the_data_folder_is_made_absolute_for_the_clients_worker_processes(
         ),
         (["--clients", "5,200"], "200 clients of at least min_partition_size=10 need 2000 examples"),
         (
-            ["--model", "resnet8", "--variants", "linear"],
-            "linear variant with uniform importance cannot fuse 'resnet8'",
+            ["--model", "vit", "--variants", "linear"],
+            "linear variant cannot fuse 'vit' models: the linear variant fits Linear/Conv levels",
         ),
     ],
 )

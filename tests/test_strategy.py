@@ -242,9 +242,9 @@ def test_fusion_depends_on_the_client_models_only_not_on_reply_order_or_node_ids
 def spy_on_fuse(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
 
-    def spy(models, calibration, config=None, weights=None):
-        calls.append({"parents": len(models), "models": list(models), "weights": weights})
-        return fuse(models, calibration, config=config, weights=weights)
+    def spy(models, calibration, config=None, weights=None, levels=None):
+        calls.append({"parents": len(models), "models": list(models), "weights": weights, "levels": levels})
+        return fuse(models, calibration, config=config, weights=weights, levels=levels)
 
     monkeypatch.setattr(fedfuse_module, "fuse", spy)
     return calls
@@ -434,8 +434,8 @@ def test_a_fusion_past_its_timeout_is_abandoned_and_the_previous_model_kept(
 def test_a_fused_model_that_is_not_finite_is_not_sent_to_the_clients(
     strategy, client_states, monkeypatch, flwr_log
 ):
-    def degenerate_engine(models, calibration, config=None, weights=None):
-        result = fuse(models, calibration, config=config, weights=weights)
+    def degenerate_engine(models, calibration, config=None, weights=None, levels=None):
+        result = fuse(models, calibration, config=config, weights=weights, levels=levels)
         with torch.no_grad():
             result.model[2].bias.fill_(float("nan"))
         return result
@@ -531,7 +531,7 @@ def test_in_a_multi_round_run_the_next_round_starts_from_the_fused_model(task_id
                 torch.testing.assert_close(state[key], tensor, rtol=0, atol=0)
 
 
-def test_a_federation_of_faulty_clients_survives_start_and_keeps_the_initial_model(
+def test_a_federation_of_faulty_clients_survives_start_and_its_result_holds_the_initial_model(
     task_identity, calibration, flwr_log
 ):
     def faulty_client(node_id, state):
@@ -544,7 +544,10 @@ def test_a_federation_of_faulty_clients_survives_start_and_keeps_the_initial_mod
     strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
     result = strategy.start(grid=grid.grid, initial_arrays=initial, num_rounds=2)
 
-    assert len(result.arrays) == 0  # no round produced a model (Flower's Result holds an empty record)
+    # no round fused a model: each returned the previous one, so the result holds a usable (initial) model
+    assert list(result.arrays.keys()) == list(initial.keys())
+    assert all(result.arrays[k].data == initial[k].data for k in initial)
+    assert [result.train_metrics_clientapp[r]["fusion-failed"] for r in (1, 2)] == [1, 1]
     for message in grid.sent:  # so round 2 sent the initial model again
         assert all(message.content["arrays"][k].data == initial[k].data for k in initial)
     assert result.train_metrics_clientapp[2]["fusion-rejected"] == 3
@@ -567,9 +570,10 @@ def test_replies_are_checked_against_the_global_model_sent_not_against_model_fn(
     assert {array.dtype for array in result.arrays.values()} == {"float64"}
 
 
-def test_a_residual_network_with_batchnorm_is_fused_by_the_gradient_variant_keeping_keys_and_dtypes():
-    """Clients training a declared architecture (a ResNet with BatchNorm buffers, int64 counters
-    included): the strategy fuses it with the gradient variant and returns exactly what they sent."""
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_a_residual_network_with_batchnorm_is_fused_keeping_keys_and_dtypes(variant: str):
+    """Clients training a ResNet with BatchNorm buffers (int64 counters included): the strategy fuses it
+    with either variant and returns exactly the keys, shapes and dtypes they sent."""
     from fedfuse.models import build_model
 
     def resnet(seed: int | None = None) -> nn.Module:
@@ -579,7 +583,7 @@ def test_a_residual_network_with_batchnorm_is_fused_by_the_gradient_variant_keep
     strategy = FedFuse(
         model_fn=resnet,
         calibration=images,
-        fusion_config=FusionConfig(variant="gradient", epochs=2),
+        fusion_config=FusionConfig(variant=variant, epochs=2),
         min_train_nodes=2,
     )
     states = [resnet(seed).state_dict() for seed in (1, 2)]
@@ -591,3 +595,78 @@ def test_a_residual_network_with_batchnorm_is_fused_by_the_gradient_variant_keep
     fused = resnet()
     fused.load_state_dict(arrays.to_torch_state_dict())
     assert fused(images).shape == (60, 3)
+
+
+# --- failing fast: the model is checked when the strategy is built -------------------------------------
+
+
+def test_a_model_the_variant_cannot_fuse_is_refused_when_the_strategy_is_built():
+    from fedfuse.models import build_model
+
+    def vit() -> nn.Module:
+        return build_model("vit", in_channels=1, image_size=8, num_classes=3, dim=16, depth=1)
+
+    images = torch.rand(20, 1, 8, 8)
+    with pytest.raises(
+        ValueError, match=r"FedFuse cannot fuse the ViT that model_fn builds with 'linear' fusion"
+    ):
+        FedFuse(model_fn=vit, calibration=images)
+    assert FedFuse(model_fn=vit, calibration=images, fusion_config=FusionConfig(variant="gradient")).plan
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        (torch.randn(20, FEATURES + 1), "cannot run on the calibration inputs"),
+        (
+            (torch.randn(20, FEATURES), torch.full((20,), CLASSES)),
+            r"labels must be class indices in \[0, 3\)",
+        ),
+    ],
+)
+def test_calibration_data_that_does_not_fit_the_model_is_refused_when_the_strategy_is_built(
+    calibration, message
+):
+    with pytest.raises(ValueError, match=message):
+        FedFuse(model_fn=make_net, calibration=calibration)
+
+
+def test_an_untraceable_model_is_refused_up_front_and_fused_with_the_levels_it_is_given(calibration):
+    from tests.user_models import DataDependent
+
+    x, y = torch.randn(120, 8), torch.randint(0, 3, (120,))
+    with pytest.raises(TypeError, match="cannot be traced"):
+        FedFuse(model_fn=DataDependent, calibration=(x, y))
+    strategy = FedFuse(model_fn=DataDependent, calibration=(x, y), levels=["fc", "head"])
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(DataDependent().state_dict())
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, states[0]), reply(2, states[1])])
+    assert arrays is not None and metrics["fusion-clients"] == 2 and metrics["fusion-failed"] == 0
+
+
+def test_a_custom_module_like_the_quickstart_net_is_fused_by_the_default_strategy():
+    from tests.user_models import QuickstartNet
+
+    images = torch.randn(40, 3, 32, 32)
+    strategy = FedFuse(model_fn=QuickstartNet, calibration=images, min_train_nodes=2)
+    states = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        states.append(QuickstartNet().state_dict())
+    arrays, metrics = strategy.aggregate_train(1, [reply(k, state) for k, state in enumerate(states)])
+    assert arrays is not None and metrics["fusion-clients"] == 3
+    assert list(arrays.keys()) == list(states[0].keys())
+
+
+def test_a_round_that_cannot_fuse_returns_the_global_model_it_sent(
+    task_identity, calibration, client_states, flwr_log
+):
+    strategy = FedFuse(make_net, calibration, min_train_nodes=3)
+    sent = ArrayRecord(make_net().state_dict())
+    grid = FakeGrid(training_client)
+    list(strategy.configure_train(1, sent, ConfigRecord(), grid.grid))
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, client_states[0])])
+    assert arrays is sent and metrics["fusion-failed"] == 1
+    assert sum("keeping the previous global model" in w for w in warnings_of(flwr_log)) == 1

@@ -1,7 +1,21 @@
 """The fusion engine: neuron-interpolation fusion of K PyTorch models. Pure PyTorch: never imports Flower."""
 
 from fedfuse.fusion.config import FusionConfig
-from fedfuse.fusion.fuse import FusionResult, fuse
+from fedfuse.fusion.declared import LevelSpec
+from fedfuse.fusion.fuse import FusionResult, check_fusable, fuse
+from fedfuse.fusion.levels import LevelPlan, describe_levels
 from fedfuse.fusion.report import FusionReport, LevelReport
+from fedfuse.fusion.tracing import UntraceableModelError
 
-__all__ = ["FusionConfig", "FusionReport", "FusionResult", "LevelReport", "fuse"]
+__all__ = [
+    "FusionConfig",
+    "FusionReport",
+    "FusionResult",
+    "LevelPlan",
+    "LevelReport",
+    "LevelSpec",
+    "UntraceableModelError",
+    "check_fusable",
+    "describe_levels",
+    "fuse",
+]

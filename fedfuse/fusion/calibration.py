@@ -51,19 +51,43 @@ class CalibrationSet:
                 "calibration must be a tensor, an (inputs, labels) pair or an iterable of batches; "
                 f"got {type(data).__name__}"
             )
-        self.num_samples, self.has_labels = self._scan()
+        self.num_samples, self.has_labels, self.label_range = self._scan()
 
-    def _scan(self) -> tuple[int, bool]:
+    def _scan(self) -> tuple[int, bool, tuple[int, int] | None]:
         count, labelled = 0, set()
+        low, high = None, None
         for index, (inputs, labels) in enumerate(self._unpacked()):
-            _check_batch(inputs, labels, where=f"calibration batch {index}")
+            where = f"calibration batch {index}"
+            _check_batch(inputs, labels, where=where)
+            if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+                raise ValueError(f"{where} holds NaN or Inf inputs")
             count += len(inputs)
             labelled.add(labels is not None)
+            if labels is not None and len(labels):
+                low = int(labels.min()) if low is None else min(low, int(labels.min()))
+                high = int(labels.max()) if high is None else max(high, int(labels.max()))
         if count == 0:
             raise ValueError("the calibration set is empty: fusion needs inputs to compute activations")
         if len(labelled) > 1:
             raise ValueError("some calibration batches have labels and others do not")
-        return count, labelled.pop()
+        return count, labelled.pop(), None if low is None or high is None else (low, high)
+
+    def example(self, device: torch.device, dtype: torch.dtype, size: int = 8) -> Tensor:
+        """The first ``size`` calibration inputs (fewer if the first batch is smaller), to see shapes."""
+        inputs, _ = next(self.batches(device, dtype))
+        return inputs[:size]
+
+    def check_labels(self, classes: int) -> None:
+        """Labels must be class indices of a model with ``classes`` outputs.
+
+        Raises:
+            ValueError: a label outside [0, classes).
+        """
+        if self.label_range is not None and (self.label_range[0] < 0 or self.label_range[1] >= classes):
+            raise ValueError(
+                f"calibration labels must be class indices in [0, {classes}) for the models' {classes} "
+                f"outputs; they range from {self.label_range[0]} to {self.label_range[1]}"
+            )
 
     def _unpacked(self) -> Iterator[Batch]:
         for batch in self._source:

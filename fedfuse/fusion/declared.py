@@ -1,8 +1,12 @@
-"""Levels that a model declares: how fusion cuts an architecture that is not a plain chain.
+"""Levels that a model declares: the override of tracing, for models that cannot be traced.
 
-A model of any architecture (residual networks, transformers) tells fusion where its levels are by
-naming the modules whose outputs are level boundaries, either through a method ``fusion_levels()`` or
-the ``levels=`` argument of `fuse`. Each declared module must take the previous level's output as its
+Fusion finds a model's levels by tracing it (`fedfuse.fusion.levels`). A model whose forward cannot be
+traced (Python control flow on tensor values), or whose author wants other levels, tells fusion where
+its levels are by naming the modules whose outputs are level boundaries, either through a method
+``fusion_levels()`` or the ``levels=`` argument of `fuse`. Declared levels are read with hooks on the
+declared modules, so the model need not be traceable; a declared Linear/Conv (or an
+``nn.Sequential(layer, BatchNorm)``) is fitted in closed form by the linear variant, anything else by
+the gradient variant. Each declared module must take the previous level's output as its
 only input, run once per forward pass, in the declared order, and every parameter of the model must
 belong to exactly one declared module, so that fitting the levels one after another fits the whole
 model. A level's neurons are the channels of its output: dimension 1 of a 4-D output ``[B, C, H, W]``,

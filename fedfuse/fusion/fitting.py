@@ -1,5 +1,9 @@
 """The linear variant's fit: one ridge least-squares solve per level, for all its neurons at once, and
-writing the solution into the fused model's layer (and BatchNorm) so that the model computes it."""
+writing the solution into the fused model's layer (and BatchNorm) so that the model computes it.
+
+`solve_level` is pure tensor math on accumulated statistics; `write_level` is the module surgery, kept
+apart as in ``torch.nn.utils.fusion``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.statistics import LevelStatistics
+
+#: Relative size below which an eigenvalue of the (normalised) input Gram matrix counts as zero.
+RANK_TOLERANCE = 1e-10
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,11 @@ class LevelFit:
         bias: ``[groups]`` (zeros when the level has no bias).
         r2: R² of the fitted outputs against the group targets over the calibration rows, pooled.
         output_mean, output_var: ``[groups]`` mean and variance of the fitted outputs over the rows.
+        rank: the numerical rank of the inputs (with the bias column when there is a bias).
+        live: the inputs (bias included) that are not zero on every calibration row; a rank below it
+            means the calibration set does not span them (an input that is always zero, such as a dead
+            ReLU, cannot be spanned by any set and does not count).
+        fan_in: the inputs of one neuron, bias included.
     """
 
     weight: Tensor
@@ -27,19 +39,22 @@ class LevelFit:
     r2: float
     output_mean: Tensor
     output_var: Tensor
+    rank: int
+    live: int
+    fan_in: int
 
 
-def fit_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool) -> LevelFit:
-    """Solve min_W ‖X·W − Z·shares‖² + λ‖W‖² (bias unpenalised) from accumulated statistics.
+def solve_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool) -> LevelFit:
+    """Solve min_W ‖X·W − T‖² + λ‖W‖² (bias unpenalised) for T = Z·shares − R, from accumulated statistics.
 
     λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' scale. With
     ``ridge == 0`` the minimum-norm solution is taken (the paper's pseudo-inverse).
     """
     if with_bias:
-        xtx, xtz = stats.with_bias()
+        xtx, xtz, xtr = stats.with_bias()
     else:
-        xtx, xtz = stats.xtx, stats.xtz
-    xtt = xtz @ shares
+        xtx, xtz, xtr = stats.xtx, stats.xtz, stats.xtr
+    xtt = xtz @ shares - xtr
     fan_in = stats.xtx.shape[0]
     if ridge > 0:
         scale = stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
@@ -53,15 +68,39 @@ def fit_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: b
     bias = solution[fan_in] if with_bias else torch.zeros(shares.shape[1], dtype=torch.float64)
 
     rows = stats.rows
-    target_energy = (shares * (stats.ztz @ shares)).sum(0)
-    target_mean = stats.z_sum @ shares / rows
+    assert stats.z.gram is not None and stats.z.sums is not None
+    target_energy = (
+        (shares * (stats.z.gram @ shares)).sum(0) - 2 * (shares * stats.ztr).sum(0) + stats.r_squares
+    )
+    target_mean = (stats.z.sums @ shares - stats.r_sum) / rows
     output_energy = (solution * (xtx @ solution)).sum(0)
     residual = (target_energy - 2 * (solution * xtt).sum(0) + output_energy).sum().clamp_min(0)
     spread = (target_energy - rows * target_mean**2).sum()
     r2 = float(1 - residual / spread) if spread > 0 else float(residual <= 1e-12 * target_energy.sum())
     output_mean = (stats.x_sum @ weight) / rows + bias
     output_var = (output_energy / rows - output_mean**2).clamp_min(0)
-    return LevelFit(weight, bias, r2, output_mean, output_var)
+    rank, live = numerical_rank(xtx)
+    return LevelFit(weight, bias, r2, output_mean, output_var, rank, live, xtx.shape[0])
+
+
+def numerical_rank(gram: Tensor) -> tuple[int, int]:
+    """The numerical rank of a Gram matrix XᵀX (how many directions the rows of X span), and how many
+    columns of X are not zero throughout.
+
+    Scale-free (the matrix is first normalised to a unit diagonal). A Cholesky factorisation with no
+    tiny pivot proves full rank cheaply; otherwise the eigenvalues are counted.
+    """
+    diagonal = gram.diagonal()
+    alive = diagonal > diagonal.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
+    inverse_root = torch.where(alive, diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    normalised = gram * inverse_root[:, None] * inverse_root[None, :]
+    live = int(alive.sum())
+    if live == gram.shape[0]:
+        factor, info = torch.linalg.cholesky_ex(normalised)
+        if info == 0 and float(factor.diagonal().min()) ** 2 > RANK_TOLERANCE:
+            return live, live
+    values = torch.linalg.eigvalsh(normalised)
+    return int((values > values.max().clamp_min(0) * RANK_TOLERANCE * gram.shape[0]).sum()), live
 
 
 def _min_norm(matrix: Tensor, rhs: Tensor) -> Tensor:

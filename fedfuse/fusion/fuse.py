@@ -15,13 +15,13 @@ from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.declared import LevelSpec
-from fedfuse.fusion.gradient import GradientFusion
-from fedfuse.fusion.levels import find_levels
-from fedfuse.fusion.linear import LinearFusion
+from fedfuse.fusion.gradient import fit_gradient
+from fedfuse.fusion.levels import Level, LevelPlan, plan_levels
+from fedfuse.fusion.linear import fit_linear
 from fedfuse.fusion.parents import check_parents, resolve_weights
+from fedfuse.fusion.reading import Reader
 from fedfuse.fusion.report import FusionReport, LevelReport
-from fedfuse.fusion.segments import Segment, capture, channel_dim, segments_of
-from fedfuse.fusion.width import resize_hidden_levels
+from fedfuse.fusion.width import resize_spaces
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,11 @@ def fuse(
     corrected later. The output layer matches classes by index.
 
     Args:
-        models: K >= 1 models with the same architecture: ``nn.Sequential`` models (nested ones too) of
-            Linear, Conv2d, BatchNorm and parameter-free modules, whose levels are found automatically;
-            or, for the gradient variant, any model whose levels are declared (``levels``, or a method
-            ``fusion_levels()``; see `fedfuse.fusion.declared`). They are never modified; K = 1 returns
-            a copy.
+        models: K >= 1 models of one architecture, any ``nn.Module`` whose forward takes one tensor and
+            returns its logits: levels are found by tracing it (`fedfuse.fusion.levels`; see them with
+            `describe_levels`), or taken from a declaration (``levels``, or a method ``fusion_levels()``).
+            They are never modified; K = 1 returns a copy (or, with a width multiplier below 1, a
+            narrower model fitted to the one).
         calibration: server-side inputs: a tensor ``[N, ...]``, an ``(inputs, labels)`` pair, or a
             re-iterable of such batches (a DataLoader). Labels (class indices) are the attribution
             targets; without them each parent's own prediction is.
@@ -65,17 +65,20 @@ def fuse(
         weights: ``None``, per-parent weights ``[K]`` (e.g. the clients' example counts), or
             per-parent, per-class weights ``[K, C]`` (e.g. the clients' label counts), which weight the
             output layer's classes and, by their row sums, the parents.
-        levels: the levels of ``models[0]``'s architecture, as module names or `LevelSpec`\ s, when it
-            does not declare them itself (gradient variant).
+        levels: the levels of ``models[0]``'s architecture, as module names or `LevelSpec`\ s, to use
+            instead of tracing it (`fedfuse.fusion.declared`).
 
     Returns:
         A `FusionResult` with the fused ``model`` and its ``report``.
 
     Raises:
         ValueError: parents that differ in architecture, keys, shapes or dtypes (naming the parent and
-            the parameter), non-finite parents, an empty calibration set, bad weights, a level
-            declaration that does not fit the model, or ``grouping="hungarian"`` with K != 2.
-        TypeError: a model the variant cannot cut into levels, or calibration data of no known form.
+            the parameter), non-finite or meta-device parents, tied parameters or a module with
+            parameters called twice, calibration data that is empty, not finite, does not fit the models
+            or has labels out of range, bad weights, a level declaration that does not fit the model, a
+            level the variant cannot fit, or ``grouping="hungarian"`` with K != 2.
+        TypeError: calibration data of no known form; `UntraceableModelError` (a TypeError): a model
+            that cannot be traced and declares no levels.
     """
     started = time.perf_counter()
     config = config if config is not None else FusionConfig()
@@ -83,68 +86,136 @@ def fuse(
         raise TypeError(f"config must be a FusionConfig, got {type(config).__name__}")
     models = list(models)
     check_parents(models)
-    calibration_set = CalibrationSet(calibration, config.batch_size)
-    declared = levels is not None or hasattr(models[0], "fusion_levels")
-    if config.variant == "linear":
-        if declared:
-            raise ValueError(
-                "declared levels are fitted by the gradient variant: use FusionConfig(variant='gradient')"
-            )
-        _, units = find_levels(models[0])
-        outputs = units[-1].width
-    else:
-        units = segments_of(models[0], levels)
-    if config.width_multiplier != 1:
-        if config.width_multiplier > len(models) > 1:
-            raise ValueError(
-                f"width_multiplier {config.width_multiplier:g} asks for more groups than the {len(models)} "
-                f"parents have neurons; at most {len(models)} (every parent neuron kept apart)"
-            )
-        if declared:
-            raise ValueError(
-                "width_multiplier resizes nn.Sequential chains; declared architectures keep their width"
-            )
     parameter = next(models[0].parameters(), None)
     if parameter is None:
         raise ValueError("the models have no parameters to fuse")
     device, dtype = parameter.device, parameter.dtype
-    if config.variant == "gradient":
-        outputs = _output_width(models[0], units[-1], calibration_set, device, dtype)
-    parent_weights = resolve_weights(weights, len(models), outputs)
-    fused = copy.deepcopy(models[0])
-    widths: list[int | None] = [None] * len(units)
-    if config.width_multiplier != 1:
-        widths = resize_hidden_levels(fused, config.width_multiplier, config.seed)
-    if len(models) == 1:
-        return FusionResult(fused, _report(config, 1, calibration_set, [], started))
-    if config.grouping == "hungarian" and len(models) != 2:
+    calibration_set = CalibrationSet(calibration, config.batch_size)
+    parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
+    plan, example = _plan(parents[0], calibration_set, config, levels)
+    _check_width(config, len(models), plan)
+    parent_weights = resolve_weights(weights, len(models), plan.output_width)
+    if (
+        config.grouping == "hungarian"
+        and len(models) != 2
+        and (len(models) > 1 or config.width_multiplier != 1)
+    ):
         raise ValueError(f"grouping='hungarian' matches exactly 2 parents; got {len(models)}. Use 'kmeans'")
 
-    training = models[0].training
-    parents = [copy.deepcopy(model).to(device).eval() for model in models]  # captum hooks land on copies
-    fused.eval()
-    variant = LinearFusion if config.variant == "linear" else GradientFusion
-    fusion = variant(FusionContext(parents, fused, calibration_set, config, parent_weights, device, dtype))
+    fused = copy.deepcopy(parents[0])
+    fused_plan = plan
+    if config.width_multiplier != 1:
+        fused_plan = resize_spaces(fused, plan, config.width_multiplier, config.seed, example)
+    if len(models) == 1 and config.width_multiplier == 1:
+        return FusionResult(_finish(fused, models[0]), _report(config, 1, calibration_set, [], started))
+
+    parent_reader = Reader(plan)
+    context = FusionContext(
+        parents=parents,
+        fused=fused,
+        calibration=calibration_set,
+        config=config,
+        weights=parent_weights,
+        plan=plan,
+        fused_plan=fused_plan,
+        parent_reader=parent_reader,
+        fused_reader=parent_reader if fused_plan is plan else Reader(fused_plan),
+        device=device,
+        dtype=dtype,
+    )
     reports = [
-        fusion.fuse_level(index, unit, is_output=(index == len(units) - 1), groups=width)
-        for index, (unit, width) in enumerate(
-            tqdm(list(zip(units, widths)), desc="fusing levels", disable=not config.progress)
-        )
+        fuse_level(index, level, context)
+        for index, level in enumerate(tqdm(plan.levels, desc="fusing levels", disable=not config.progress))
     ]
-    fused.train(training)
-    return FusionResult(fused, _report(config, len(models), calibration_set, reports, started))
+    _average_unused(fused, parents, plan)
+    return FusionResult(
+        _finish(fused, models[0]), _report(config, len(models), calibration_set, reports, started)
+    )
 
 
-def _output_width(model: nn.Module, last: Segment, calibration: CalibrationSet, device, dtype) -> int:
-    """The output layer's neurons (the classes), read off one forward pass of the first batch."""
-    inputs, _ = next(calibration.batches(device, dtype))
-    was_training = model.training
+def check_fusable(
+    model: nn.Module,
+    calibration: Tensor | tuple | Iterable,
+    config: FusionConfig | None = None,
+    levels: Sequence[LevelSpec | str] | None = None,
+) -> LevelPlan:
+    """Check, without fusing anything, that models like ``model`` can be fused with ``config`` on
+    ``calibration``, and return their `LevelPlan`: what `fuse` checks before any work, for one model.
+
+    Raises:
+        ValueError, TypeError: as `fuse` would, naming the problem.
+    """
+    config = config if config is not None else FusionConfig()
+    check_parents([model])
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise ValueError("the model has no parameters to fuse")
+    calibration_set = CalibrationSet(calibration, config.batch_size)
+    return _plan(copy.deepcopy(model).eval(), calibration_set, config, levels)[0]
+
+
+def fuse_level(index: int, level: Level, context: FusionContext) -> LevelReport:
+    """Fuse one level: its space's grouping (decided by the first of the space's levels), then the fit of
+    its parameters to the group targets, by the configured variant, with the fused model's own previous
+    levels as input."""
+    if context.config.variant == "linear":
+        return fit_linear(level, context)
+    return fit_gradient(level, context, index)
+
+
+def _plan(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    config: FusionConfig,
+    levels: Sequence[LevelSpec | str] | None,
+) -> tuple[LevelPlan, Tensor]:
+    """The levels of an eval-mode ``model``, checked against the calibration set and the config."""
+    parameter = next(model.parameters())
+    example = calibration.example(parameter.device, parameter.dtype)
+    _check_runs(model, example)
+    plan = plan_levels(model, example, levels)
+    plan.check(config.variant, config.width_multiplier)
+    calibration.check_labels(plan.output_width)
+    return plan, example
+
+
+def _check_runs(model: nn.Module, example: Tensor) -> None:
+    """The models must accept the calibration inputs and return one tensor."""
     try:
         with torch.no_grad():
-            output = capture(model.eval(), dict(model.named_modules())[last.modules[-1]], inputs, output=True)
-    finally:
-        model.train(was_training)
-    return output.shape[channel_dim(output)]
+            output = model(example)
+    except Exception as error:
+        raise ValueError(
+            "the models cannot run on the calibration inputs "
+            f"(shape {list(example.shape)}, {example.dtype}): {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(output, Tensor):
+        raise ValueError(f"the models return {type(output).__name__}; fusion needs one tensor of logits")
+
+
+def _check_width(config: FusionConfig, parents: int, plan: LevelPlan) -> None:
+    if config.width_multiplier > parents:
+        raise ValueError(
+            f"width_multiplier {config.width_multiplier:g} asks for more groups than the {parents} "
+            f"parent{'s' if parents != 1 else ''} have neurons; at most {parents} "
+            "(every parent neuron kept apart)"
+        )
+
+
+def _average_unused(fused: nn.Module, parents: list[nn.Module], plan: LevelPlan) -> None:
+    """Parameters the forward never uses cannot change the function; they take the parents' mean, not one
+    parent's values."""
+    with torch.no_grad():
+        for name in plan.unused:
+            fused.get_parameter(name).copy_(
+                torch.stack([parent.get_parameter(name) for parent in parents]).mean(0)
+            )
+
+
+def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:
+    """The fused model where parent 0 was, in its train/eval mode."""
+    parameter = next(model.parameters())
+    return fused.to(parameter.device).train(model.training)
 
 
 def _report(

@@ -1,152 +1,137 @@
 """The gradient variant: each level is trained, by a few epochs of gradient descent, to reproduce its group
 targets from the fused model's own previous levels.
 
-It fits any level (a residual block, a transformer block, a classifier head), where the linear variant
-needs a single Linear/Conv2d. Per level: one streamed pass accumulates the parents' Gram matrix for
-grouping (as in the linear variant); a second pass caches the fused model's inputs to the level and the
-group targets, ``[N, ...]`` each (so, unlike the linear variant, memory grows with the calibration set:
-one level's activations); then the level's parameters are trained on an importance-weighted squared
-error, with early stopping on a held-out slice of the calibration samples and the best weights restored.
-Levels that add into a residual stream take the grouping of the level that defines the stream.
+It fits any level: a Linear/Conv layer like the linear variant, and also a block (attention, a LayerNorm, a
+class token: whatever the closed form cannot fit). Per level: the space's grouping is decided once (from
+the parents' Gram matrices, streamed as in the linear variant); one pass caches the fused model's inputs to
+the level and the group targets (minus the fused model's other terms, for a level that completes a
+residual sum), ``[N, ...]`` each (so, unlike the linear variant, memory grows with the calibration set: one
+level's activations); then the level's parameters are trained on an importance-weighted squared error, with
+early stopping on a held-out slice of the calibration samples and the best weights restored.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedfuse.fusion.batchnorm import renormalize_batchnorms
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.context import FusionContext
-from fedfuse.fusion.level_grouping import LevelGrouping, group_level
+from fedfuse.fusion.levels import Level
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.segments import Segment, capture, channel_dim, channels_last
+from fedfuse.fusion.statistics import NeuronGram, rows_of
+from fedfuse.fusion.targets import SpaceGrouping, group_space, measure_points
 
 
-class GradientFusion:
-    """The per-level work of one gradient-variant `fuse` call."""
+def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelReport:
+    """Train one level of the fused model to its group targets."""
+    clock = time.perf_counter()
+    space = context.plan.spaces[level.space]
+    seconds: dict[str, float] = {}
+    grouping = context.groupings.get(space.name)
+    method = "stream" if grouping is not None else None
+    if grouping is None:
+        grams = measure_points(space, context)
+        seconds["statistics"] = time.perf_counter() - clock
+        grouping = context.groupings[space.name] = group_space(space, grams, context)
+        seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
 
-    def __init__(self, context: FusionContext) -> None:
-        self.context = context
-        self.parent_modules = [dict(parent.named_modules()) for parent in context.parents]
-        self.fused_modules = dict(context.fused.named_modules())
-        self.groupings: dict[str, LevelGrouping] = {}
-
-    def fuse_level(self, index: int, segment: Segment, is_output: bool, groups: int | None) -> LevelReport:
-        clock = time.perf_counter()
-        gram, sums, rows = self._gram(segment)
-        statistics_seconds = time.perf_counter() - clock
-
-        grouping = group_level(
-            gram,
-            sums,
-            rows,
-            context=self.context,
-            scored_modules=[modules[segment.modules[-1]] for modules in self.parent_modules],
-            is_output=is_output,
-            groups=groups,
-            stream=self.groupings.get(segment.stream) if segment.stream else None,
-        )
-        self.groupings[segment.name] = grouping
-
-        clock = time.perf_counter()
-        inputs, targets = self._cache(segment, grouping.shares)
-        modules = [self.fused_modules[name] for name in segment.modules]
-        if self.context.config.level_init == "fresh":
-            _reinitialise(modules, seed=self.context.config.seed + index)
-        weights = grouping.group_weights / grouping.group_weights.mean()
-        epochs = _train(modules, inputs, targets, weights, self.context.config, index)
-        renormalize_batchnorms(
-            modules, lambda: _apply_in_batches(modules, inputs, self.context.config.batch_size)
-        )
-        r2 = _r2(modules, inputs, targets, self.context.config.batch_size)
-        seconds = {
-            "statistics": statistics_seconds,
-            "importance": grouping.importance_seconds,
-            "grouping": grouping.grouping_seconds,
-            "fit": time.perf_counter() - clock,
-        }
-        return LevelReport(
-            name=segment.name,
-            kind=type(modules[0]).__name__.lower(),
-            neurons=targets.shape[channel_dim(targets)],
-            fan_in=inputs.shape[channel_dim(inputs)],
-            rows=rows,
-            grouping=grouping.method,
-            grouping_cost=grouping.cost,
-            fit_r2=r2,
-            seconds=seconds,
-            epochs=epochs,
-        )
-
-    def _parent_outputs(self, segment: Segment, inputs: Tensor) -> list[Tensor]:
-        last = segment.modules[-1]
-        return [
-            capture(parent, modules[last], inputs, output=True)
-            for parent, modules in zip(self.context.parents, self.parent_modules)
-        ]
-
-    def _gram(self, segment: Segment) -> tuple[Tensor, Tensor, int]:
-        """ZᵀZ, ΣZ and the row count of the parents' neuron values, streamed over the calibration set."""
-        gram = sums = None
-        rows = 0
-        with torch.no_grad():
-            for inputs, _ in self.context.calibration.batches(self.context.device, self.context.dtype):
-                z = torch.cat(
-                    [channels_last(out) for out in self._parent_outputs(segment, inputs)], dim=1
-                ).double()
-                gram = z.T @ z if gram is None else gram.addmm_(z.T, z)
-                sums = z.sum(0) if sums is None else sums + z.sum(0)
-                rows += z.shape[0]
-        return gram.cpu(), sums.cpu(), rows
-
-    def _cache(self, segment: Segment, shares: Tensor) -> tuple[Tensor, Tensor]:
-        """The fused model's inputs to the level and the group targets, for every calibration sample."""
-        first = self.fused_modules[segment.modules[0]]
-        shares = shares.to(self.context.device, self.context.dtype)
-        inputs, targets = [], []
-        with torch.no_grad():
-            for batch, _ in self.context.calibration.batches(self.context.device, self.context.dtype):
-                inputs.append(capture(self.context.fused, first, batch, output=False).detach())
-                outputs = self._parent_outputs(segment, batch)
-                dim = channel_dim(outputs[0])
-                stacked = torch.cat([out.movedim(dim, -1) for out in outputs], dim=-1)
-                targets.append((stacked @ shares).movedim(-1, dim))
-        return torch.cat(inputs), torch.cat(targets)
+    clock = time.perf_counter()
+    fused_level = context.fused_level(level)
+    inputs, targets, gram = _cache(level, grouping, context)
+    body = context.fused_reader.body(context.fused, fused_level)
+    parameters = [context.fused.get_parameter(name) for name in fused_level.parameters]
+    owners = _owners(context.fused, fused_level)
+    if context.config.level_init == "fresh":
+        _reinitialise(owners, seed=context.config.seed + index)
+    weights = grouping.group_weights / grouping.group_weights.mean()
+    config = context.config
+    epochs = _train(body, parameters, inputs, targets, weights, level.axis, config, index)
+    norms = [module for module in owners if isinstance(module, _BatchNorm)]
+    renormalize_batchnorms(norms, lambda: _apply_in_batches(body, inputs, config.batch_size))
+    seconds["fit"] = time.perf_counter() - clock
+    return LevelReport(
+        name=level.name,
+        kind=level.kind,
+        neurons=fused_level.width,
+        fan_in=_fan_in(context.fused, fused_level, inputs),
+        rows=gram.rows,
+        grouping=method or grouping.method,
+        grouping_cost=grouping.cost(gram),
+        fit_r2=_r2(body, inputs, targets, level.axis, config.batch_size),
+        seconds=seconds,
+        space=level.space,
+        epochs=epochs,
+    )
 
 
-def _apply(modules: list[nn.Module], x: Tensor) -> Tensor:
-    for module in modules:
-        x = module(x)
-    return x
+def _cache(
+    level: Level, grouping: SpaceGrouping, context: FusionContext
+) -> tuple[Tensor, Tensor, NeuronGram]:
+    """The fused model's inputs to the level and its targets (group targets minus the fused residual
+    terms), for every calibration sample; and the parents' Gram matrix at the level's target."""
+    shares = grouping.shares.to(context.device, context.dtype)
+    inputs, targets = [], []
+    gram = NeuronGram()
+    places = [level.input, *level.residual]
+    with torch.no_grad():
+        for batch, _ in context.calibration.batches(context.device, context.dtype):
+            fused_input, *terms = context.fused_reader.read(context.fused, batch, places)
+            inputs.append(fused_input.detach())
+            outputs = [
+                context.parent_reader.read(parent, batch, [level.target])[0] for parent in context.parents
+            ]
+            stacked = torch.cat([out.movedim(level.axis, -1) for out in outputs], dim=-1)
+            gram.add(stacked.reshape(-1, stacked.shape[-1]))
+            target = (stacked @ shares).movedim(-1, level.axis)
+            targets.append(target - torch.stack(terms).sum(0) if terms else target)
+    return torch.cat(inputs), torch.cat(targets), gram
 
 
-def _apply_in_batches(modules: list[nn.Module], inputs: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([_apply(modules, batch) for batch in inputs.split(batch_size)])
+def _fan_in(model: nn.Module, level: Level, inputs: Tensor) -> int:
+    """A layer's inputs per neuron (bias included); a block's input values per sample."""
+    if level.layer is None:
+        return inputs[0].numel()
+    layer = model.get_submodule(level.layer)
+    return layer.weight[0].numel() + int(layer.bias is not None or level.norm is not None)
 
 
-def _loss(modules: list[nn.Module], inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+def _owners(model: nn.Module, level: Level) -> list[nn.Module]:
+    """The modules that own the level's parameters directly."""
+    return [model.get_submodule(name) for name in level.modules]
+
+
+def _apply_in_batches(body: nn.Module, inputs: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([body(batch) for batch in inputs.split(batch_size)])
+
+
+def _loss(body: nn.Module, inputs: Tensor, targets: Tensor, weights: Tensor, axis: int) -> Tensor:
     """Importance-weighted mean squared error: group k's error counts S_k / mean(S)."""
-    error = channels_last(_apply(modules, inputs) - targets)
+    error = rows_of(body(inputs) - targets, axis)
     return (error.square() * weights).mean()
 
 
 def _train(
-    modules: list[nn.Module],
+    body: nn.Module,
+    parameters: list[nn.Parameter],
     inputs: Tensor,
     targets: Tensor,
     weights: Tensor,
+    axis: int,
     config: FusionConfig,
     index: int,
 ) -> int:
     """Fit the level's parameters; early stopping on held-out samples restores the best weights.
 
-    Returns the number of epochs run. The modules stay in eval mode: BatchNorm acts with its running
+    Returns the number of epochs run. The model stays in eval mode: BatchNorm acts with its running
     statistics (an affine map with trainable scale and shift), Dropout is off.
     """
+    if not parameters:
+        return 0
     weights = weights.to(inputs.device, inputs.dtype)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
     order = torch.randperm(len(inputs), generator=generator)
@@ -154,9 +139,6 @@ def _train(
     validation, training = (
         (order[:held_out], order[held_out:]) if 0 < held_out < len(inputs) else (order, order)
     )
-    parameters = [p for module in modules for p in module.parameters()]
-    if not parameters:
-        return 0
     optimizer = (
         torch.optim.Adam(parameters, lr=config.learning_rate)
         if config.optimizer == "adam"
@@ -166,12 +148,15 @@ def _train(
     def held_out_loss() -> float:
         with torch.no_grad():
             total = sum(
-                _loss(modules, inputs[batch], targets[batch], weights).item() * len(batch)
+                _loss(body, inputs[batch], targets[batch], weights, axis).item() * len(batch)
                 for batch in validation.split(config.batch_size)
             )
         return total / len(validation)
 
-    best, best_state, stale, epochs_run = held_out_loss(), _state(modules), 0, 0
+    def snapshot() -> list[Tensor]:
+        return [parameter.detach().clone() for parameter in parameters]
+
+    best, best_state, stale, epochs_run = held_out_loss(), snapshot(), 0, 0
     with torch.enable_grad():
         for epoch in range(1, config.epochs + 1):
             epochs_run = epoch
@@ -179,40 +164,38 @@ def _train(
                 config.fit_batch_size
             ):
                 optimizer.zero_grad()
-                _loss(modules, inputs[batch], targets[batch], weights).backward()
+                _loss(body, inputs[batch], targets[batch], weights, axis).backward()
                 optimizer.step()
             current = held_out_loss()
             if current < best:
-                best, best_state, stale = current, _state(modules), 0
+                best, best_state, stale = current, snapshot(), 0
             else:
                 stale += 1
                 if stale >= config.patience:
                     break
-    for module, state in zip(modules, best_state):
-        module.load_state_dict(state)
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best_state):
+            parameter.copy_(value)
     return epochs_run
 
 
-def _state(modules: list[nn.Module]) -> list[dict[str, Tensor]]:
-    return [copy.deepcopy(module.state_dict()) for module in modules]
-
-
-def _r2(modules: list[nn.Module], inputs: Tensor, targets: Tensor, batch_size: int) -> float:
+def _r2(body: nn.Module, inputs: Tensor, targets: Tensor, axis: int, batch_size: int) -> float:
     """Pooled R² of the fitted level's outputs against the targets, over every cached row."""
     with torch.no_grad():
-        outputs = channels_last(_apply_in_batches(modules, inputs, batch_size)).double()
-    expected = channels_last(targets).double()
+        outputs = rows_of(_apply_in_batches(body, inputs, batch_size), axis).double()
+    expected = rows_of(targets, axis).double()
     residual = (outputs - expected).square().sum()
     spread = (expected - expected.mean(0)).square().sum()
     return float(1 - residual / spread) if spread > 0 else float(residual == 0)
 
 
-def _reinitialise(modules: list[nn.Module], seed: int) -> None:
-    """A seeded fresh init of every submodule that knows how to reset itself."""
+def _reinitialise(owners: list[nn.Module], seed: int) -> None:
+    """A seeded fresh init of every owner module that knows how to reset itself and holds no submodule
+    with parameters (so a reset never reaches another level's parameters)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for module in modules:
-            for sub in module.modules():
-                reset = getattr(sub, "reset_parameters", None)
-                if callable(reset):
-                    reset()
+        for module in owners:
+            reset = getattr(module, "reset_parameters", None)
+            nested = any(True for child in module.children() for _ in child.parameters())
+            if callable(reset) and not nested:
+                reset()

@@ -23,6 +23,12 @@ def check_parents(models: Sequence[nn.Module]) -> None:
     for index, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"parent {index} is a {type(model).__name__}, not an nn.Module")
+        meta = next((name for name, value in model.state_dict().items() if value.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"parent {index}'s '{meta}' is on the meta device (a shape without values); load or "
+                "materialise its weights before fusing"
+            )
     reference = models[0].state_dict()
     reference_modules = [(name, type(m), m.extra_repr()) for name, m in models[0].named_modules()]
     for index, model in enumerate(models):

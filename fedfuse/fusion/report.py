@@ -12,23 +12,25 @@ class LevelReport:
 
     Attributes:
         name: the level's layer in the fused model's state_dict namespace (``"features.3"``).
-        kind: ``"linear"`` or ``"conv2d"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"block"``.
         neurons: fused neurons (output features or channels) of the level.
-        fan_in: inputs of one neuron (``in_features``, or ``in_channels·kh·kw`` for a convolution),
-            plus one for the bias when the level has one; for the gradient variant, the channels of
-            the level's input.
+        fan_in: inputs of one neuron (``in_features``, or ``in_channels·kernel`` for a convolution),
+            plus one for the bias when the level has one; for a block, its input's values per sample.
         rows: calibration rows the level was fitted on: samples, times output positions for a
             convolution.
-        grouping: ``"kmeans"``, ``"hungarian"``, ``"index"`` (the output layer: classes matched by
-            index) or ``"stream"`` (a residual block sharing its stream's grouping).
+        grouping: ``"kmeans"``, ``"hungarian"``, ``"index"`` (fixed spaces, the classes: matched by
+            index) or ``"stream"`` (a level of a residual stream whose grouping an earlier level decided).
         grouping_cost: the importance-weighted share of the parents' neuron variance that merging
             loses, Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖²; 0 when every group's members agree.
         fit_r2: R² of the fused level's outputs against its group targets on the calibration rows
             (pooled over neurons); 1 is a perfect fit.
         seconds: wall-clock seconds per phase: ``statistics`` (forward passes and accumulation),
             ``importance``, ``grouping``, ``solve``.
-        ill_posed: the level had fewer calibration rows than fan-in; the ridge kept the solve
-            well-posed.
+        space: the space (or residual stream) whose grouping the level's neurons follow.
+        rank: linear variant: the numerical rank of the level's inputs on the calibration rows (bias
+            column included).
+        live_inputs: linear variant: the inputs (bias included) not zero on every row; a rank below
+            it means the calibration set does not span them, and the fit is underdetermined.
         epochs: gradient variant: epochs the level trained for (early stopping may end it sooner).
     """
 
@@ -41,8 +43,15 @@ class LevelReport:
     grouping_cost: float
     fit_r2: float
     seconds: dict[str, float] = field(default_factory=dict)
-    ill_posed: bool = False
+    space: str = ""
+    rank: int | None = None
+    live_inputs: int | None = None
     epochs: int | None = None
+
+    @property
+    def ill_posed(self) -> bool:
+        """The calibration inputs did not span the level's inputs: the ridge kept the solve well-posed."""
+        return self.rank is not None and self.live_inputs is not None and self.rank < self.live_inputs
 
     @property
     def total_seconds(self) -> float:
@@ -69,7 +78,10 @@ class FusionReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values, levels included."""
         out = asdict(self)
-        out["levels"] = [dict(asdict(level), total_seconds=level.total_seconds) for level in self.levels]
+        out["levels"] = [
+            dict(asdict(level), total_seconds=level.total_seconds, ill_posed=level.ill_posed)
+            for level in self.levels
+        ]
         out["mean_fit_r2"] = self.mean_fit_r2
         return out
 
@@ -101,7 +113,10 @@ class FusionReport:
         lines += [line(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"total {self.seconds:.2f} s, mean fit R2 {self.mean_fit_r2:.4f}")
         if any(level.ill_posed for level in self.levels):
-            lines.append("* fewer calibration rows than fan-in: the ridge kept the solve well-posed")
+            lines.append(
+                "* the calibration inputs span fewer dimensions than fan-in: the ridge kept the solve "
+                "well-posed"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:

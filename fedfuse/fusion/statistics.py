@@ -1,11 +1,12 @@
 """Streaming sufficient statistics of one level: all that grouping and the least-squares fit need.
 
 For a level with fused inputs X (``[rows, d]``: the fused model's own input to the level, unfolded into
-patches for a convolution) and parent neuron values Z (``[rows, K·n]``: every parent's pre-activation
-output, one column per parent neuron), grouping needs only the Gram matrix ZᵀZ (inner products between
-neurons, so distances and weighted means), and the fit needs only XᵀX and XᵀT = (XᵀZ)·A, where A holds the
-grouping's importance-weighted shares. All are sums over rows, accumulated batch by batch in float64:
-memory is O((d + K·n)²), whatever the calibration set's size.
+patches for a convolution), parent neuron values Z (``[rows, K·n]``: every parent's value at the level's
+target, one column per parent neuron) and, for a level that completes a residual sum, the fused model's
+other terms of that sum R (``[rows, g]``), the group targets are T = Z·A − R, where A holds the
+grouping's importance-weighted shares. The fit needs XᵀX and XᵀT = (XᵀZ)·A − XᵀR; grouping needs the Gram
+matrix ZᵀZ; the fit's R² needs ZᵀR and the norms of R. All are sums over rows, accumulated batch by batch
+in float64: memory is O((d + K·n)²), whatever the calibration set's size.
 """
 
 from __future__ import annotations
@@ -14,65 +15,107 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedfuse.fusion.levels import Level
-
 
 def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     """The rows a layer multiplies by its weight: ``[rows, fan_in]``.
 
-    A Linear's input ``[..., in_features]`` gives one row per leading index; a Conv2d's input
-    ``[B, C, H, W]`` gives one row per output position: its patch, ``C·kh·kw`` values in the order of
-    ``weight.flatten(1)``. Padding of every mode (and ``padding="same"``) is applied as the layer does.
+    A Linear's input ``[..., in_features]`` gives one row per leading index; a convolution's input
+    ``[B, C, *spatial]`` gives one row per output position: its patch, ``C·prod(kernel)`` values in the
+    order of ``weight.flatten(1)``. Padding of every mode (and ``padding="same"``) is applied as the layer
+    does. Rows line up with `rows_of` the layer's output.
     """
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         padded = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-        patches = F.unfold(padded, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+        if isinstance(layer, nn.Conv1d):  # a 1-D convolution is a 2-D one over a height of 1
+            padded = padded.unsqueeze(2)
+            kernel, dilation, stride = (1, *layer.kernel_size), (1, *layer.dilation), (1, *layer.stride)
+        else:
+            kernel, dilation, stride = layer.kernel_size, layer.dilation, layer.stride
+        patches = F.unfold(padded, kernel, dilation=dilation, stride=stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return x.reshape(-1, x.shape[-1])
 
 
-def neuron_values(level: Level, output: Tensor) -> Tensor:
-    """A level's output as ``[rows, n]``: one column per neuron, rows aligned with `layer_inputs`."""
-    if level.kind == "conv2d":
-        return output.permute(0, 2, 3, 1).reshape(-1, output.shape[1])
-    return output.reshape(-1, output.shape[-1])
+def rows_of(values: Tensor, axis: int) -> Tensor:
+    """Values with neurons along ``axis`` as ``[rows, neurons]``: one row per sample and position."""
+    return values.movedim(axis, -1).reshape(-1, values.shape[axis])
+
+
+class NeuronGram:
+    """Sums over rows of the neuron values Z ``[rows, m]`` of one place: all that grouping needs.
+
+    Attributes:
+        gram: ``[m, m]`` ZᵀZ.  sums: ``[m]`` column sums.  rows: rows seen.
+    """
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+        self.sums: Tensor | None = None
+        self.rows = 0
+
+    def add(self, z: Tensor) -> None:
+        z = z.double()
+        self.gram = z.T @ z if self.gram is None else self.gram.addmm_(z.T, z)
+        self.sums = z.sum(0) if self.sums is None else self.sums + z.sum(0)
+        self.rows += z.shape[0]
+
+    @property
+    def variances(self) -> Tensor:
+        """``[m]`` each neuron's variance times the rows: its spread around its own mean."""
+        assert self.gram is not None and self.sums is not None
+        return (self.gram.diagonal() - self.sums**2 / self.rows).clamp_min(0)
 
 
 class LevelStatistics:
-    """Sums over calibration rows of one level, for fused inputs of width d and m = K·n parent neurons.
+    """Sums over calibration rows of one level, for fused inputs of width d, m = K·n parent neurons and
+    (optionally) g residual terms.
 
     Attributes:
         rows: calibration rows seen (samples × output positions).
         xtx: ``[d, d]`` XᵀX.   x_sum: ``[d]`` column sums of X.
-        xtz: ``[d, m]`` XᵀZ.   z_sum: ``[m]`` column sums of Z.
-        ztz: ``[m, m]`` ZᵀZ, the neurons' Gram matrix.
+        xtz: ``[d, m]`` XᵀZ.   z: the parents' `NeuronGram` (ZᵀZ, ΣZ).
+        xtr: ``[d, g]`` XᵀR.   ztr: ``[m, g]`` ZᵀR.   r_sum, r_squares: ``[g]`` ΣR and Σ R² per term.
     """
 
-    def __init__(self, fan_in: int, neurons: int, device: torch.device) -> None:
+    def __init__(self, fan_in: int, neurons: int, residual: int, device: torch.device) -> None:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
         self.rows = 0
         self.xtx, self.x_sum = zeros(fan_in, fan_in), zeros(fan_in)
-        self.xtz, self.z_sum = zeros(fan_in, neurons), zeros(neurons)
-        self.ztz = zeros(neurons, neurons)
+        self.xtz = zeros(fan_in, neurons)
+        self.z = NeuronGram()
+        self.xtr, self.ztr = zeros(fan_in, residual), zeros(neurons, residual)
+        self.r_sum, self.r_squares = zeros(residual), zeros(residual)
 
-    def add(self, x: Tensor, z: Tensor) -> None:
-        """Add a batch: ``x`` ``[rows, d]`` fused inputs and ``z`` ``[rows, m]`` parent neuron values."""
+    def add(self, x: Tensor, z: Tensor, r: Tensor | None) -> None:
+        """Add a batch: ``x`` ``[rows, d]`` fused inputs, ``z`` ``[rows, m]`` parent neuron values and
+        ``r`` ``[rows, g]`` the residual terms' sum (or None)."""
         x, z = x.double(), z.double()
         self.rows += x.shape[0]
         self.xtx.addmm_(x.T, x)
         self.x_sum += x.sum(0)
         self.xtz.addmm_(x.T, z)
-        self.z_sum += z.sum(0)
-        self.ztz.addmm_(z.T, z)
+        self.z.add(z)
+        if r is not None:
+            r = r.double()
+            self.xtr.addmm_(x.T, r)
+            self.ztr.addmm_(z.T, r)
+            self.r_sum += r.sum(0)
+            self.r_squares += (r * r).sum(0)
 
-    def with_bias(self) -> tuple[Tensor, Tensor]:
-        """``(XᵀX, XᵀZ)`` for X with a column of ones appended: ``[d+1, d+1]`` and ``[d+1, m]``."""
+    def with_bias(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(XᵀX, XᵀZ, XᵀR)`` for X with a column of ones appended: ``[d+1, d+1]``, ``[d+1, m]``,
+        ``[d+1, g]``."""
         d = self.xtx.shape[0]
         xtx = self.xtx.new_empty(d + 1, d + 1)
         xtx[:d, :d] = self.xtx
         xtx[:d, d] = xtx[d, :d] = self.x_sum
         xtx[d, d] = self.rows
-        return xtx, torch.cat([self.xtz, self.z_sum.unsqueeze(0)])
+        assert self.z.sums is not None
+        return (
+            xtx,
+            torch.cat([self.xtz, self.z.sums.unsqueeze(0)]),
+            torch.cat([self.xtr, self.r_sum.unsqueeze(0)]),
+        )

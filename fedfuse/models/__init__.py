@@ -1,10 +1,9 @@
 """A small model zoo for tests, simulations and first steps.
 
 `MLP`, `LeNet` and `VGG11` are flat `nn.Sequential` chains of Linear, Conv2d, BatchNorm (directly
-after the layer it normalises), pointwise activations, pooling, Flatten and Dropout: the fusion
-engine finds their levels automatically. `ResNet` and `ViT` are chains of level modules (stem or
-embedding, blocks, head) that declare their levels and residual streams through ``fusion_levels()``
-(`fedfuse.fusion.declared`).
+after the layer it normalises), pointwise activations, pooling, Flatten and Dropout. `ResNet` and
+`ViT` are custom modules with residual streams. The fusion engine finds the levels of every one of
+them by tracing (`fedfuse.describe_levels`); none declares them.
 """
 
 from fedfuse.models.factory import MODEL_NAMES, build_model

@@ -31,8 +31,8 @@ def build_model(
         name: ``"mlp"`` (`MLP` on the flattened image), ``"cnn"`` or ``"lenet"`` (`LeNet`),
             ``"cnn-bn"`` (`LeNet` with BatchNorm), ``"vgg11"`` / ``"vgg11-bn"`` (`VGG11` without /
             with BatchNorm), ``"resnet8"`` / ``"resnet18"`` (`ResNet` of that depth), ``"vit"``
-            (`ViT`). The first six are ``nn.Sequential`` chains; ResNet and ViT declare their
-            fusion levels (``fusion_levels()``, see `fedfuse.fusion.declared`).
+            (`ViT`). The first six are ``nn.Sequential`` chains; ResNet and ViT are custom
+            modules with residual streams. Fusion finds the levels of all of them by tracing.
         in_channels, image_size, num_classes: the data's shape and classes.
         seed: seeds the random initial weights (same seed → same weights) without touching the
             global torch RNG; None draws them from the global RNG.

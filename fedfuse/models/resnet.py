@@ -1,10 +1,9 @@
-"""CIFAR-style residual networks (He et al., 2016): ResNet-8 and ResNet-18, with declared fusion levels."""
+"""CIFAR-style residual networks (He et al., 2016): ResNet-8 and ResNet-18."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fedfuse.fusion.declared import LevelSpec
 from fedfuse.models.mlp import check_positive_ints
 
 # depth → blocks per stage; stage s has width · 2^s channels and (for s > 0) starts with stride 2.
@@ -19,7 +18,8 @@ class BasicBlock(nn.Module):
     BatchNorm after each supplies it).
 
     Input: [N, in_channels, H, W]. Output: [N, out_channels, ceil(H / stride), ceil(W / stride)].
-    One tensor in, one tensor out, so that the block can be a fusion level of its own.
+    Fusion traces it into levels: conv1 (with bn1), then conv2 (with bn2) and the projection (with its
+    BatchNorm), whose outputs the addition joins into one residual stream.
 
     Args:
         in_channels: input channels.
@@ -66,10 +66,9 @@ class ResNet(nn.Module):
       of 2 blocks (width, 2w, 4w, 8w).
     - ``head``: AdaptiveAvgPool2d(1) → Flatten → Linear to the logits.
 
-    Why this structure (fusion levels): every parameter lies in exactly one of the level modules
-    ``stem``, ``blocks.i`` and ``head``, each takes the previous one's output as its only input,
-    and the forward pass is their chain, so `fusion_levels` can declare them as levels. Separate
-    ReLU modules and no in-place operations keep every module's output observable by hooks.
+    Fusion finds its levels by tracing it (every convolution with its BatchNorm, the head's Linear)
+    and its residual streams (the stem's channels through the identity blocks, a new stream at each
+    projection); see `fedfuse.describe_levels`.
 
     Any image size works: a stride-2 convolution of a 1x1 map stays 1x1, and the head pools what
     is left (32x32 ends at 8x8 in ResNet-8 and 4x4 in ResNet-18; 8x8 digits at 2x2 and 1x1).
@@ -120,23 +119,3 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
-
-    def fusion_levels(self) -> list[LevelSpec]:
-        """The stem, each block, the head, in forward order (see `fedfuse.fusion.declared`).
-
-        The stem defines the first residual stream. A block with an identity shortcut adds into the
-        current stream, so it shares the grouping of the level that defined that stream; a block
-        with a projection shortcut maps the stream to new channels and defines a new stream.
-        ResNet-8: ``stem``, ``blocks.0`` (stream ``stem``), ``blocks.1``, ``blocks.2``, ``head``.
-        """
-        levels = [LevelSpec("stem")]
-        stream = "stem"
-        for index, block in enumerate(self.blocks):
-            name = f"blocks.{index}"
-            if block.projects:
-                levels.append(LevelSpec(name))
-                stream = name
-            else:
-                levels.append(LevelSpec(name, stream=stream))
-        levels.append(LevelSpec("head"))
-        return levels

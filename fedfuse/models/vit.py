@@ -1,4 +1,4 @@
-"""A small pre-norm vision transformer (Dosovitskiy et al., 2021), with declared fusion levels."""
+"""A small pre-norm vision transformer (Dosovitskiy et al., 2021)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from fedfuse.fusion.declared import LevelSpec
 from fedfuse.models.mlp import check_dropout, check_positive_ints
 
 INIT_STD = 0.02  # the class token and position embedding start as N(0, 0.02²), as in ViT
@@ -16,8 +15,8 @@ class PatchEmbedding(nn.Module):
     """Image → tokens: patches embedded by a Conv2d (kernel = stride = patch_size), a learned class
     token prepended, a learned position embedding added (then dropout).
 
-    All the embedding's parameters live here, so that it can be one fusion level (the one that
-    defines the transformer's residual stream).
+    Its output opens the transformer's residual stream; the class token and position embedding are
+    parameters used outside a layer, which fusion fits as blocks (gradient variant).
 
     Input: images [N, in_channels, image_size, image_size]. Output: tokens [N, T + 1, dim] with
     T = (image_size / patch_size)², the class token first.
@@ -37,7 +36,7 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         patches = self.projection(x).flatten(2).transpose(1, 2)  # [N, T, dim]
-        cls = self.cls_token.expand(len(patches), -1, -1)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
         return self.dropout(torch.cat([cls, patches], dim=1) + self.position)
 
 
@@ -66,8 +65,9 @@ class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``; the MLP is
     Linear → GELU → Linear with ``mlp_ratio · dim`` hidden units, dropout after each sub-layer.
 
-    Input and output: tokens [N, T, dim]. One tensor in, one out: a fusion level of its own, which
-    adds into the residual stream that the embedding defines.
+    Input and output: tokens [N, T, dim]. Fusion traces it into two blocks (the attention half and
+    the MLP half, each from one point of the residual stream to the next), which add into the
+    stream that the embedding opens.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float = 0.0) -> None:
@@ -99,10 +99,9 @@ class ViT(nn.Module):
     - ``blocks``: an `nn.Sequential` of ``depth`` `TransformerBlock` modules, [N, T + 1, dim] each.
     - ``head``: LayerNorm → the class token → Linear to the logits, [N, num_classes].
 
-    Why this structure (fusion levels): every parameter lies in exactly one of the level modules
-    ``embed``, ``blocks.i`` and ``head``, each takes the previous one's output as its only input,
-    and the forward pass is their chain, so `fusion_levels` can declare them. A level's neurons are
-    the ``dim`` features of every token (the last dimension).
+    Fusion finds its levels by tracing it (`fedfuse.describe_levels`): attention and LayerNorm make
+    blocks that the gradient variant fits; the neurons of the residual stream are the ``dim``
+    features of every token (the last dimension).
 
     Input: images [N, in_channels, image_size, image_size] with image_size divisible by
     patch_size. Output: logits [N, num_classes]. The position embedding is sized for
@@ -165,9 +164,3 @@ class ViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.embed(x)))
-
-    def fusion_levels(self) -> list[LevelSpec]:
-        """``embed`` (defines the residual stream), ``blocks.i`` (each adds into that stream, so each
-        shares the embedding's grouping), ``head``; see `fedfuse.fusion.declared`."""
-        blocks = [LevelSpec(f"blocks.{index}", stream="embed") for index in range(len(self.blocks))]
-        return [LevelSpec("embed"), *blocks, LevelSpec("head")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedfuse.fusion import FusionConfig, FusionResult, fuse
+from fedfuse.fusion import FusionConfig, FusionResult, LevelPlan, LevelSpec, check_fusable, fuse
 from fedfuse.strategy.replies import (
     ArraySpec,
     InvalidReply,
@@ -45,24 +45,32 @@ class FedFuse(FedAvg):
     clients send (an ArrayRecord and a MetricRecord with ``num-examples``); per-class example counts
     under ``label_counts_key`` are an opt-in extra.
 
+    The model is checked when the strategy is built: ``model_fn()`` is traced on one calibration batch
+    and its levels checked against ``fusion_config`` (`fedfuse.check_fusable`), so a model the engine
+    cannot fuse raises then, not in every round.
+
     A bad reply (an error, no or several ArrayRecords, missing or extra keys, wrong shape or dtype,
     NaN/Inf, a missing or non-positive ``num-examples``, malformed label counts) leaves that client out
     with a warning naming its node id and the reason. With fewer valid clients than
     ``min_train_nodes``, or when fusion fails or times out, the round keeps the previous global model
-    (``aggregate_train`` returns no arrays) with a warning; nothing raises out of ``start()``.
+    with one warning saying why: ``aggregate_train`` returns that model's arrays again, so ``start()``'s
+    ``Result.arrays`` always holds a usable model. Nothing raises out of ``start()``.
 
     Parameters
     ----------
     model_fn : Callable[[], nn.Module]
-        Builds a model of the federation's architecture (an ``nn.Sequential`` the fusion engine
-        supports). Each client's arrays are loaded into a fresh one; its state_dict keys must be the
-        ArrayRecord's keys.
+        Builds a model of the federation's architecture: any ``nn.Module`` whose forward takes one
+        tensor and returns logits (its levels are found by tracing, `fedfuse.describe_levels`). Each
+        client's arrays are loaded into a fresh one; its state_dict keys must be the ArrayRecord's keys.
     calibration : Tensor | tuple[Tensor, Tensor] | Iterable
         Server-side calibration data: inputs ``[N, ...]``, an ``(inputs, labels)`` pair (labels are the
         attribution targets of importance scores), or a re-iterable of such batches (a DataLoader or a
         list; not a generator, since every round reads it again).
     fusion_config : FusionConfig, optional (default: None)
         How to fuse; ``FusionConfig()`` when None.
+    levels : Sequence[LevelSpec | str], optional (default: None)
+        The model's levels, declared (`fedfuse.fusion.declared`), for a model that cannot be traced;
+        passed to every fusion. None: the model's own ``fusion_levels()``, else tracing.
     label_counts_key : str (default: "label-counts")
         The opt-in MetricRecord key under which clients may report per-class example counts (a list
         of length num_classes). Used, to weight the output layer per class, only when every fused
@@ -85,6 +93,7 @@ class FedFuse(FedAvg):
         calibration: Calibration,
         fusion_config: FusionConfig | None = None,
         *,
+        levels: Sequence[LevelSpec | str] | None = None,
         label_counts_key: str = "label-counts",
         fusion_timeout: float | None = 3600.0,
         fraction_train: float = 1.0,
@@ -126,17 +135,27 @@ class FedFuse(FedAvg):
         self.model_fn = model_fn
         self.calibration = calibration
         self.fusion_config = fusion_config if fusion_config is not None else FusionConfig()
+        self.levels = None if levels is None else list(levels)
         self.label_counts_key = label_counts_key
         self.fusion_timeout = fusion_timeout
+        self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
         # The global model sent out by the last configure_train: replies must match its keys, shapes
-        # and dtypes, and the fused model is returned in them.
+        # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None
+        self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         config = self.fusion_config
         log(INFO, "\t├──> FedFuse settings:")
         log(INFO, "\t│\t├── Model: %s", getattr(self.model_fn, "__qualname__", repr(self.model_fn)))
+        log(
+            INFO,
+            "\t│\t├── Levels: %d (%s), %d fitted in closed form",
+            len(self.plan.levels),
+            "traced" if self.plan.traced else "declared",
+            sum(level.closed_form for level in self.plan.levels),
+        )
         log(INFO, "\t│\t├── Calibration (server-side only): %s", _describe(self.calibration))
         log(
             INFO,
@@ -167,6 +186,7 @@ class FedFuse(FedAvg):
     ) -> Iterable[Message]:
         """Configure the next round of training, as FedAvg does; remember the model sent out."""
         self._sent = array_specs(arrays)
+        self._global = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -174,7 +194,7 @@ class FedFuse(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fuse the valid replies' models; leave out bad replies; keep the previous model on failure."""
+        """Fuse the valid replies' models; leave out bad replies; return the previous model on failure."""
         replies = list(replies)
         reference = self._sent if self._sent is not None else self._model_fn_specs()
         valid: list[TrainReply] = []
@@ -214,6 +234,7 @@ class FedFuse(FedAvg):
         metrics = self._client_metrics(valid)
         metrics["fusion-rejected"] = rejected
         metrics["fusion-clients"] = 0
+        metrics["fusion-failed"] = 1
         needed = max(1, self.min_train_nodes)
         if len(valid) < needed:
             log(
@@ -223,7 +244,7 @@ class FedFuse(FedAvg):
                 len(valid),
                 needed,
             )
-            return None, metrics
+            return self._global, metrics
 
         started = time.perf_counter()
         try:
@@ -238,8 +259,9 @@ class FedFuse(FedAvg):
                 error,
             )
             metrics["fusion-seconds"] = time.perf_counter() - started
-            return None, metrics
+            return self._global, metrics
         metrics["fusion-clients"] = len(valid)
+        metrics["fusion-failed"] = 0
         metrics["fusion-seconds"] = time.perf_counter() - started
         metrics["fusion-mean-fit-r2"] = result.report.mean_fit_r2
         log(
@@ -282,12 +304,15 @@ class FedFuse(FedAvg):
             model.load_state_dict({key: torch.from_numpy(array) for key, array in reply.arrays.items()})
             parents.append(model)
         weights = self._weights(valid)
+
+        def fusion() -> FusionResult:
+            return fuse(
+                parents, self.calibration, config=self.fusion_config, weights=weights, levels=self.levels
+            )
+
         if self.fusion_timeout is None:
-            return fuse(parents, self.calibration, config=self.fusion_config, weights=weights)
-        return _call_with_timeout(
-            lambda: fuse(parents, self.calibration, config=self.fusion_config, weights=weights),
-            self.fusion_timeout,
-        )
+            return fusion()
+        return _call_with_timeout(fusion, self.fusion_timeout)
 
     def _weights(self, valid: list[TrainReply]) -> list[float] | np.ndarray:
         """Per-class label counts ``[K, C]`` when every client sent them alike, else ``num-examples``."""
@@ -308,6 +333,30 @@ class FedFuse(FedAvg):
             )
             return [reply.num_examples for reply in valid]
         return np.stack(counts)
+
+
+def _checked_plan(
+    model_fn: Callable[[], nn.Module],
+    calibration: Calibration,
+    config: FusionConfig,
+    levels: list[LevelSpec | str] | None,
+) -> LevelPlan:
+    """The levels of ``model_fn()``, checked against the config and the calibration set once, up front.
+
+    Raises:
+        TypeError, ValueError: ``model_fn`` does not build a model the engine can fuse with ``config`` on
+            ``calibration``, with the engine's reason.
+    """
+    model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must build an nn.Module, it built a {type(model).__name__}")
+    try:
+        return check_fusable(model, calibration, config, levels)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"FedFuse cannot fuse the {type(model).__name__} that model_fn builds with {config.variant!r} "
+            f"fusion: {error}"
+        ) from error
 
 
 def _call_with_timeout(function: Callable[[], FusionResult], timeout: float) -> FusionResult:

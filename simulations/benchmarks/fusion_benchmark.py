@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfuse import FusionConfig, fuse
+from fedfuse import FusionConfig, describe_levels, fuse
 from fedfuse.fusion.config import IMPORTANCES, VARIANTS
 from fedfuse.models import build_model
 from simulations.baselines import average_state_dicts, ensemble_logits
@@ -134,19 +134,20 @@ def benchmark_setting(
         average_state_dicts([m.state_dict() for m in clients.models], counts.sum(1).tolist())
     )
     rows.append(row("averaging", evaluate(averaged, evaluation.x, evaluation.y)))
-    chain = isinstance(clients.models[0], torch.nn.Sequential)
+    plan = describe_levels(clients.models[0], calibration.x[:8])
+    closed_form = all(level.closed_form for level in plan.levels)
     configs = [
         (
             f"fedfuse {variant} {imp}" + (f" width x{width:g}" if width != 1 else ""),
             FusionConfig(variant=variant, importance=imp, seed=args.seed, width_multiplier=width),
         )
         for variant in args.variants
-        if variant == "gradient" or chain  # the linear variant fits chains of Linear/Conv2d only
+        if variant == "gradient" or closed_form  # the linear variant fits Linear/Conv levels only
         for imp in args.importance
-        for width in (args.widths if chain else [1.0])  # declared architectures keep their width
+        for width in (args.widths if plan.resizable else [1.0])
         if width <= parents  # more groups than parent neurons cannot be made
     ]
-    if parents == 2 and chain and "linear" in args.variants:
+    if parents == 2 and closed_form and "linear" in args.variants:
         configs.append(("fedfuse linear hungarian", FusionConfig(grouping="hungarian", seed=args.seed)))
     for method, config in configs:
         with peak_memory() as memory:

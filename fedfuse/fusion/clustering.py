@@ -36,14 +36,14 @@ class Grouping:
 
 
 def group_neurons(
-    method: str, gram: Tensor, sums: Tensor, rows: int, scores: Tensor, width: int, groups: int, **kmeans
+    method: str, gram: Tensor, variances: Tensor, scores: Tensor, width: int, groups: int, **kmeans
 ) -> Grouping:
     """Group neurons by ``"kmeans"`` or ``"hungarian"``; groups come out aligned with parent 0's neurons.
 
     Args:
         gram: ``[m, m]`` Gram matrix ZᵀZ of the m = K·n parent neurons, parent by parent.
-        sums: ``[m]`` column sums of Z (for the variance in the cost).
-        rows: calibration rows behind ``gram``.
+        variances: ``[m]`` each neuron's spread around its own mean, in the units of ``gram`` (the cost's
+            denominator).
         scores: ``[m]`` positive importance weights s_j.
         width: neurons per parent, n.
         groups: fused neurons.
@@ -55,7 +55,7 @@ def group_neurons(
         assignment = _kmeans(gram, scores, groups, **kmeans)
     shares = _shares(assignment, scores, groups)
     shares = shares[:, _order_like_parent_zero(gram, shares, width)]
-    return Grouping(shares, grouping_cost(gram, sums, rows, scores, shares))
+    return Grouping(shares, grouping_cost(gram, variances, scores, shares))
 
 
 def shares_by_index(class_weights: Tensor) -> Tensor:
@@ -139,12 +139,12 @@ def _order_like_parent_zero(gram: Tensor, shares: Tensor, width: int) -> Tensor:
     return torch.as_tensor(np.concatenate([matched, rest]))
 
 
-def grouping_cost(gram: Tensor, sums: Tensor, rows: int, scores: Tensor, shares: Tensor) -> float:
+def grouping_cost(gram: Tensor, variances: Tensor, scores: Tensor, shares: Tensor) -> float:
     """Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖², from the Gram matrix, for any shares matrix
     (a neuron with share 0 in every group counts as no group's member)."""
     members = shares > 0
     target_norms = (shares * (gram @ shares)).sum(0)
     distance = gram.diagonal()[:, None] - 2 * gram @ shares + target_norms[None, :]
     lost = (scores[:, None] * distance * members).sum()
-    variance = (scores * (gram.diagonal() - sums**2 / rows)).sum()
+    variance = (scores * variances).sum()
     return float(lost.clamp_min(0) / variance) if variance > 0 else 0.0

@@ -1,0 +1,506 @@
+"""Which tensors carry which neurons: channel spaces propagated through a traced model.
+
+Every Linear or convolution (with the BatchNorm directly after it folded in) makes a new **space** of
+neurons: its output channels. Fusion groups a space's neurons across parents; the order of the groups is
+free, as long as everything that carries the space agrees on it. So this pass follows each space through
+the graph, run on an example input (`torch.fx.Interpreter`): an activation or pooling keeps the channels
+where they are, a flatten spreads each channel over a block of positions, an addition of two spaces (a
+residual connection) joins them into one **stream** that must share one grouping, and the model's output
+ties its space to fixed indices (the classes). Each rule is data in a table below (`PRESERVING_FUNCTIONS`,
+`RESHAPING_METHODS`, ...), as in `torch.fx` passes that keep their patterns as data.
+
+What no rule covers, on a tensor that carries a free space (an attention product, a channel slice, a
+parameter used outside a layer, a LayerNorm), is **opaque**: the closed-form fit cannot handle it, and the
+gradient variant fits the region around it as one block (`fedfuse.fusion.levels`).
+
+The idea of propagating channel axes through an fx interpreter with per-operation handlers is the one
+PLeaS (Nasery et al., 2025; SewoongLab/PLeaS-Merging, ``compiler.py``) uses to build permutation specs;
+this is a separate implementation with fusion's own rules (streams, folding, fixed spaces, opaque regions).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+#: The space of the model's input and output: channels that keep their index in every parent.
+FIXED = 0
+
+
+@dataclass(frozen=True)
+class Channels:
+    """A tensor whose ``axis`` holds the channels of ``space``, channel-major: channel c occupies
+    indices ``[c · positions, (c + 1) · positions)`` (``positions`` > 1 after a flatten)."""
+
+    space: int
+    axis: int
+    positions: int = 1
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: A tensor made from parameters alone (a class token, a position embedding): its channels follow the
+#: tensor it is combined with.
+TIED = _Marker("TIED")
+#: A tensor whose channel layout the rules cannot tell (the output of an opaque operation).
+UNKNOWN = _Marker("UNKNOWN")
+
+#: What the pass knows of a value: `Channels`, `TIED`, `UNKNOWN`, or None (no free channels: it is made
+#: from the input and constants only, or it is not a tensor).
+Annotation = Channels | _Marker | None
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+# --- rules, as data -------------------------------------------------------------------------------------
+# Channels stay on their axis, values are transformed entry by entry (or permutation-equivariantly).
+PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Softmax,
+    nn.LogSoftmax,
+)  # fmt: skip
+PRESERVING_FUNCTIONS: frozenset[Callable] = frozenset({
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout,
+    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize, torch.abs, torch.square,
+    torch.exp, operator.neg, operator.pos, torch.clamp, torch.clip,
+})  # fmt: skip
+PRESERVING_METHODS: frozenset[str] = frozenset({
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clone", "contiguous", "float", "double",
+    "half", "to", "type_as", "detach", "abs", "square", "exp", "softmax", "log_softmax", "clamp",
+    "clamp_", "clamp_min", "clamp_max", "clip", "neg",
+})  # fmt: skip
+# Channels stay on axis 1 of [N, C, ...]; the positions after it are pooled.
+POOLING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+)  # fmt: skip
+POOLING_FUNCTIONS: frozenset[Callable] = frozenset({
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
+    torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+})  # fmt: skip
+# Memory order kept, shape changed: where the channels go is read off the shapes.
+RESHAPING_MODULES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+RESHAPING_FUNCTIONS: frozenset[Callable] = frozenset(
+    {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+)
+RESHAPING_METHODS: frozenset[str] = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze"})
+# Reductions over the axes given by ``dim`` (the channel axis must not be one of them).
+REDUCING_FUNCTIONS: frozenset[Callable] = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
+REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin"})
+# Element-wise binary operations, with broadcasting.
+JOINING_FUNCTIONS: frozenset[Callable] = frozenset({
+    operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, operator.mul,
+    operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
+})  # fmt: skip
+JOINING_METHODS: frozenset[str] = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
+#: The binary operations whose result is a sum: a level that feeds one directly can be fitted to the
+#: sum's target minus the other terms (a residual connection).
+SUMS: frozenset[Any] = frozenset({operator.add, operator.iadd, torch.add, "add", "add_"})
+# Operations that move axes around without touching values.
+AXIS_METHODS: frozenset[str] = frozenset({"permute", "transpose", "expand", "expand_as", "repeat"})
+AXIS_FUNCTIONS: frozenset[Callable] = frozenset({torch.permute, torch.transpose})
+# Operations that return no tensor (shape queries) and so carry nothing.
+SHAPE_METHODS: frozenset[str] = frozenset({"size", "dim", "numel"})
+
+
+@dataclass
+class LayerCall:
+    """A Linear/convolution call that can be a level of its own, with the BatchNorm folded into it.
+
+    Attributes:
+        node: the layer's graph node.  module: its qualified module name.
+        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.  width: output channels.
+        space: the space its output channels make (before streams are joined).
+        input: the annotation of the layer's input (for re-indexing weights through a grouping).
+        norm_node, norm: the folded BatchNorm's node and module name, if any.
+    """
+
+    node: str
+    module: str
+    kind: str
+    width: int
+    space: int
+    input: Annotation
+    norm_node: str | None = None
+    norm: str | None = None
+
+    @property
+    def output_node(self) -> str:
+        return self.norm_node or self.node
+
+
+@dataclass
+class ChannelMap:
+    """The result of the pass over one traced model.
+
+    Attributes:
+        annotations: per node name, what its value carries.
+        shapes: per tensor-valued node name, the value's shape on the example input.
+        layers: per layer node name, the `LayerCall`.
+        opaque: per node name, why the closed-form fit cannot handle that node.
+        parents: the union-find forest of spaces (`find` gives a space's stream).
+        widths: per space, its number of channels.
+        outputs: the spaces that reach the model's output (its classes), before they were fixed.
+    """
+
+    annotations: dict[str, Annotation] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    layers: dict[str, LayerCall] = field(default_factory=dict)
+    opaque: dict[str, str] = field(default_factory=dict)
+    parents: dict[int, int] = field(default_factory=lambda: {FIXED: FIXED})
+    widths: dict[int, int] = field(default_factory=dict)
+    outputs: set[int] = field(default_factory=set)
+
+    def new_space(self, width: int) -> int:
+        space = len(self.parents)
+        self.parents[space] = space
+        self.widths[space] = width
+        return space
+
+    def find(self, space: int) -> int:
+        while self.parents[space] != space:
+            self.parents[space] = self.parents[self.parents[space]]
+            space = self.parents[space]
+        return space
+
+    def join(self, first: int, second: int) -> int:
+        """One stream of both; a stream joined with `FIXED` is fixed."""
+        a, b = self.find(first), self.find(second)
+        if a == b:
+            return a
+        keep, drop = (a, b) if a < b else (b, a)  # FIXED = 0 always wins
+        self.parents[drop] = keep
+        return keep
+
+    def fixed(self, space: int) -> bool:
+        return self.find(space) == FIXED
+
+
+def propagate(graph_module: fx.GraphModule, example: Tensor) -> ChannelMap:
+    """Run ``graph_module`` on ``example`` and annotate every node with the channels it carries."""
+    propagation = _Propagation(graph_module)
+    with torch.no_grad():
+        propagation.run(example)
+    return propagation.map
+
+
+class _Propagation(fx.Interpreter):
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__(graph_module)
+        self.map = ChannelMap()
+        self.users = {node.name: len(node.users) for node in graph_module.graph.nodes}
+
+    # -- fx.Interpreter hooks ------------------------------------------------------------------------------
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if isinstance(value, Tensor):
+            self.map.shapes[node.name] = tuple(value.shape)
+        annotation = self._annotate(node, value)
+        if isinstance(annotation, Channels) and not isinstance(value, Tensor):
+            annotation = UNKNOWN  # e.g. the chunks of a tensor of neurons, as one tuple
+        self.map.annotations[node.name] = annotation
+        return value
+
+    # -- rules -----------------------------------------------------------------------------------------------
+    def _annotate(self, node: fx.Node, value: Any) -> Annotation:
+        if node.op == "placeholder":
+            return None
+        if node.op == "get_attr":
+            return TIED if isinstance(self.fetch_attr(str(node.target)), nn.Parameter) else None
+        if node.op == "output":
+            self._tie_output(node)
+            return None
+        inputs = [self.map.annotations.get(arg.name) for arg in node.all_input_nodes]
+        target = node.target
+        method = target if node.op == "call_method" else None
+        function = target if node.op == "call_function" else None
+        if method in SHAPE_METHODS or function is getattr:
+            return None
+        if node.op == "call_module":
+            return self._module(node, self.fetch_attr(str(node.target)), value)
+        if not any(isinstance(a, Channels) or a is UNKNOWN for a in inputs):
+            # Made from the input, constants and parameters only: no free channels to follow.
+            return TIED if any(a is TIED for a in inputs) else None
+        if any(a is UNKNOWN for a in inputs):
+            return UNKNOWN
+        if function in PRESERVING_FUNCTIONS or method in PRESERVING_METHODS:
+            return self._first(node)
+        if function in POOLING_FUNCTIONS:
+            return self._pooled(node, self._first(node), value)
+        if function in RESHAPING_FUNCTIONS or method in RESHAPING_METHODS:
+            return self._reshaped(node, self._first(node), self._arg_shape(node), value)
+        if function in REDUCING_FUNCTIONS or method in REDUCING_METHODS:
+            return self._reduced(node, value)
+        if function in JOINING_FUNCTIONS or method in JOINING_METHODS:
+            return self._joined(node, value)
+        if function is operator.getitem:
+            return self._indexed(node, value)
+        if function is torch.cat or function is torch.concat:
+            return self._concatenated(node, value)
+        if function in AXIS_FUNCTIONS or method in AXIS_METHODS:
+            return self._moved(node, value)
+        name = getattr(target, "__name__", str(target))
+        return self._opaque(node, f"{name}() on neurons: fusion has no rule for how it treats channels")
+
+    def _module(self, node: fx.Node, module: nn.Module, value: Any) -> Annotation:
+        source = self.map.annotations.get(node.all_input_nodes[0].name) if node.all_input_nodes else None
+        name = str(node.target)
+        if isinstance(module, LAYERS) and plain_forward(module):
+            return self._layer(node, name, module, source, value)
+        if isinstance(module, _BatchNorm) and plain_forward(module):
+            return self._batchnorm(node, name, module, source)
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.parameters()):
+            kind = type(module).__name__
+            self._opaque(
+                node, f"module '{name}' ({kind}) holds parameters that only the gradient variant fits"
+            )
+            channelwise = isinstance(module, nn.LayerNorm) and _last_axis(source, value)
+            return source if channelwise else UNKNOWN
+        if not isinstance(source, Channels):
+            return source if source in (None, TIED) else UNKNOWN
+        if isinstance(module, PRESERVING_MODULES):
+            return source
+        if isinstance(module, POOLING_MODULES):
+            return self._pooled(node, source, value)
+        if isinstance(module, RESHAPING_MODULES):
+            return self._reshaped(node, source, self._arg_shape(node), value)
+        return self._opaque(
+            node, f"module '{name}' ({type(module).__name__}): fusion has no rule for how it treats channels"
+        )
+
+    def _layer(
+        self, node: fx.Node, name: str, module: nn.Module, source: Annotation, value: Tensor
+    ) -> Annotation:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            if module.groups != 1:
+                return self._opaque(
+                    node, f"convolution '{name}' has groups={module.groups}; only groups=1 is fitted"
+                )
+            kind, axis, width = f"conv{value.dim() - 2}d", 1, module.out_channels
+            if isinstance(source, Channels) and source.axis != 1:
+                return self._opaque(node, f"convolution '{name}' takes channels on axis {source.axis}, not 1")
+        else:
+            kind, axis, width = "linear", value.dim() - 1, module.out_features
+            if isinstance(source, Channels) and source.axis != value.dim() - 1:
+                return self._opaque(
+                    node, f"Linear '{name}' maps along an axis that does not hold the channels"
+                )
+        space = self.map.new_space(width)
+        self.map.layers[node.name] = LayerCall(node.name, name, kind, width, space, source)
+        return Channels(space, axis)
+
+    def _batchnorm(self, node: fx.Node, name: str, module: _BatchNorm, source: Annotation) -> Annotation:
+        producer = node.all_input_nodes[0]
+        layer = self.map.layers.get(producer.name)
+        if layer is None or self.users[producer.name] != 1 or layer.norm is not None:
+            self._opaque(
+                node,
+                f"BatchNorm '{name}' does not directly follow a Linear/Conv layer whose only use it is, "
+                "so it cannot be folded into one",
+            )
+            return source
+        if not module.track_running_stats:
+            self._opaque(
+                node,
+                f"BatchNorm '{name}' keeps no running statistics, so in eval mode it depends on the batch "
+                "and is not an affine map that can be folded",
+            )
+            return source
+        if not isinstance(source, Channels) or source.axis != 1 or module.num_features != layer.width:
+            self._opaque(node, f"BatchNorm '{name}' does not normalise the channels of '{layer.module}'")
+            return source
+        layer.norm_node, layer.norm = node.name, name
+        return source
+
+    def _tie_output(self, node: fx.Node) -> None:
+        for arg in node.all_input_nodes:
+            annotation = self.map.annotations.get(arg.name)
+            if isinstance(annotation, Channels):
+                stream = self.map.find(annotation.space)
+                self.map.outputs |= {space for space in self.map.parents if self.map.find(space) == stream}
+                self.map.join(stream, FIXED)
+
+    def _first(self, node: fx.Node) -> Annotation:
+        return self.map.annotations.get(node.all_input_nodes[0].name)
+
+    def _arg_shape(self, node: fx.Node) -> tuple[int, ...]:
+        return self.map.shapes[node.all_input_nodes[0].name]
+
+    def _opaque(self, node: fx.Node, reason: str) -> Annotation:
+        self.map.opaque.setdefault(node.name, reason)
+        return UNKNOWN
+
+    def _pooled(self, node: fx.Node, source: Annotation, value: Tensor) -> Annotation:
+        if isinstance(source, Channels) and (source.axis != 1 or source.positions != 1):
+            return self._opaque(node, "pooling over an axis that holds channels")
+        return source
+
+    def _reshaped(
+        self, node: fx.Node, source: Annotation, shape: tuple[int, ...], value: Tensor
+    ) -> Annotation:
+        if not isinstance(source, Channels):
+            return source
+        moved = _reshape_channels(source, shape, tuple(value.shape), self.map.widths[source.space])
+        if moved is None:
+            return self._opaque(node, f"a reshape {shape} -> {tuple(value.shape)} that splits channels apart")
+        return moved
+
+    def _reduced(self, node: fx.Node, value: Tensor) -> Annotation:
+        source = self._first(node)
+        assert isinstance(source, Channels)
+        shape = self._arg_shape(node)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dims is None:
+            return self._opaque(node, "a reduction over every axis, channels included")
+        dims = {d % len(shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if source.axis in dims:
+            return self._opaque(node, "a reduction over the axis that holds the channels")
+        axis = source.axis if keepdim else source.axis - sum(d < source.axis for d in dims)
+        return Channels(source.space, axis, source.positions)
+
+    def _joined(self, node: fx.Node, value: Tensor) -> Annotation:
+        result: Channels | None = None
+        for arg in (*node.args, *node.kwargs.values()):
+            if not isinstance(arg, fx.Node):
+                continue  # a Python number broadcasts over every channel alike
+            annotation = self.map.annotations.get(arg.name)
+            shape = self.map.shapes.get(arg.name)
+            if shape is None:
+                continue
+            offset = value.dim() - len(shape)
+            if isinstance(annotation, Channels):
+                aligned = Channels(annotation.space, annotation.axis + offset, annotation.positions)
+                if result is None:
+                    result = aligned
+                elif (aligned.axis, aligned.positions) != (result.axis, result.positions):
+                    return self._opaque(node, "an element-wise operation on channels that do not line up")
+                else:
+                    result = Channels(
+                        self.map.join(result.space, aligned.space), result.axis, result.positions
+                    )
+        assert result is not None
+        for arg in (*node.args, *node.kwargs.values()):
+            if not isinstance(arg, fx.Node) or arg.name not in self.map.shapes:
+                continue
+            annotation, shape = self.map.annotations.get(arg.name), self.map.shapes[arg.name]
+            axis = result.axis - (value.dim() - len(shape))
+            if annotation is None and axis >= 0 and shape[axis] != 1:
+                # A tensor of the input or constants, with one entry per channel: it ties each channel to
+                # its index, the same in every parent.
+                result = Channels(self.map.join(result.space, FIXED), result.axis, result.positions)
+        return result
+
+    def _indexed(self, node: fx.Node, value: Any) -> Annotation:
+        source = self._first(node)
+        if not isinstance(value, Tensor) or not isinstance(source, Channels):
+            return None if not isinstance(value, Tensor) else source
+        index = node.args[1]
+        items = list(index) if isinstance(index, tuple) else [index]
+        shape = self._arg_shape(node)
+        if any(isinstance(item, fx.Node) for item in items):
+            return self._opaque(node, "indexing neurons by a tensor")
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            fill = len(shape) - sum(item is not None for item in items if item is not Ellipsis)
+            items[at : at + 1] = [slice(None)] * fill
+        axis_in = axis_out = 0
+        for item in items:
+            if item is None:
+                axis_out += 1
+                continue
+            if axis_in == source.axis:
+                if item != slice(None):
+                    return self._opaque(node, "indexing that selects some channels and not others")
+                return Channels(source.space, axis_out, source.positions)
+            axis_out += 0 if isinstance(item, int) else 1
+            axis_in += 1
+        return Channels(source.space, axis_out + source.axis - axis_in, source.positions)
+
+    def _concatenated(self, node: fx.Node, value: Tensor) -> Annotation:
+        tensors = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % value.dim()
+        result: Channels | None = None
+        for arg in tensors:
+            annotation = self.map.annotations.get(arg.name)
+            if isinstance(annotation, Channels):
+                if annotation.axis == dim:
+                    return self._opaque(node, "a concatenation along the axis that holds the channels")
+                if result is None:
+                    result = annotation
+                elif (annotation.axis, annotation.positions) != (result.axis, result.positions):
+                    return self._opaque(node, "a concatenation of channels that do not line up")
+                else:
+                    result = Channels(
+                        self.map.join(result.space, annotation.space), result.axis, result.positions
+                    )
+            elif annotation is None:
+                return self._opaque(node, "a concatenation of neurons with input-derived values")
+        return result
+
+    def _moved(self, node: fx.Node, value: Tensor) -> Annotation:
+        source = self._first(node)
+        assert isinstance(source, Channels)
+        shape = self._arg_shape(node)
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        arguments = node.args[1:]
+        if name == "permute":
+            order = (
+                arguments[0] if len(arguments) == 1 and isinstance(arguments[0], (tuple, list)) else arguments
+            )
+            order = [d % len(shape) for d in order]
+            return Channels(source.space, order.index(source.axis), source.positions)
+        if name == "transpose":
+            a, b = (d % len(shape) for d in arguments[:2])
+            axis = b if source.axis == a else a if source.axis == b else source.axis
+            return Channels(source.space, axis, source.positions)
+        offset = value.dim() - len(shape)  # expand/repeat may prepend axes
+        if value.shape[source.axis + offset] != shape[source.axis]:
+            return self._opaque(node, f"{name}() along the axis that holds the channels")
+        return Channels(source.space, source.axis + offset, source.positions)
+
+
+def _reshape_channels(
+    source: Channels, before: tuple[int, ...], after: tuple[int, ...], width: int
+) -> Channels | None:
+    """Where a reshape (memory order kept) puts the channels, or None when they no longer lie along one
+    axis, channel-major. Channel c covers flat indices with (f // (positions · S)) % width == c, S being
+    the size of the axes after the channel axis; it lies along output axis j when the axes after j (size
+    T) divide positions · S and axis j holds width · (positions · S / T) entries."""
+    span = source.positions * math.prod(before[source.axis + 1 :])
+    for axis in range(len(after)):
+        tail = math.prod(after[axis + 1 :])
+        if span % tail == 0 and after[axis] * tail == width * span and after[axis] > 0:
+            return Channels(source.space, axis, span // tail)
+    return None
+
+
+def plain_forward(module: nn.Module) -> bool:
+    """Whether ``module`` computes what its torch.nn class does (a subclass may override forward)."""
+    for base in (*LAYERS, _BatchNorm):
+        if isinstance(module, base):
+            return type(module).forward is next(
+                cls.forward for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn")
+            )
+    return False
+
+
+def _last_axis(source: Annotation, value: Any) -> bool:
+    return isinstance(source, Channels) and isinstance(value, Tensor) and source.axis == value.dim() - 1

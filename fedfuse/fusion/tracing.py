@@ -1,0 +1,150 @@
+"""Tracing a model into a `torch.fx` graph, and cutting sub-graphs out of it.
+
+Fusion reads values inside a model (a layer's input, a BatchNorm's output, the sum at a residual
+connection) and runs pieces of it (one level, from its input to its output). Symbolic tracing records
+what ``forward`` actually runs, whatever the model's class: a custom ``nn.Module`` with functional
+activations, an ``nn.Sequential`` subclass with its own ``forward``, a module called twice. Linear,
+convolution and BatchNorm modules stay whole (leaves), as do the modules a caller names.
+
+A sub-graph (`subgraph`) shares its modules and parameters with the model it was cut from: running it
+on a fused model computes with the fused model's current weights, and training it trains them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import fx, nn
+
+#: Modules kept whole when tracing: fusion fits them, or reads what they compute.
+LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class UntraceableModelError(TypeError):
+    """The model's forward could not be traced (e.g. Python control flow that depends on the data)."""
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: Iterable[str]) -> None:
+        super().__init__()
+        self.named_leaves = frozenset(leaves)
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (
+            isinstance(module, LEAVES)
+            or qualified_name in self.named_leaves
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+    """``model``'s forward as a graph, with Linear/Conv/BatchNorm and the modules named in ``leaves`` as
+    single calls. The model is traced as it is (trace eval-mode copies: ``self.training`` is read as a
+    constant).
+
+    Raises:
+        UntraceableModelError: the forward cannot be traced; the message says why and how to declare
+            the model's levels instead.
+    """
+    try:
+        graph = _Tracer(leaves).trace(model)
+    except Exception as error:  # fx raises TraceError, RuntimeError, TypeError... on what it cannot record
+        raise UntraceableModelError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: {error}). "
+            "Tracing fails on Python control flow that depends on the data (if/for over tensor values) "
+            "and on len(tensor) (use tensor.shape[0]). Declare the model's levels instead: give it a "
+            "method fusion_levels() returning, in forward order, the names of the modules whose outputs "
+            "are level boundaries (LevelSpec(name, stream=...) for a block that adds into a residual "
+            "stream), or pass fuse(..., levels=[...]); see fedfuse.fusion.declared"
+        ) from error
+    return fx.GraphModule(model, graph)
+
+
+def subgraph(graph: fx.Graph, inputs: Sequence[str], outputs: Sequence[str]) -> fx.Graph:
+    """The part of ``graph`` that computes the nodes ``outputs`` from the nodes ``inputs``.
+
+    The inputs become the sub-graph's placeholders (in that order); it returns the outputs' values (a
+    tuple, in that order; the value itself for one output). Only what the outputs need is kept, so the
+    computation past them is skipped.
+
+    Raises:
+        ValueError: an output needs a value that is none of ``inputs`` (the cut is not closed), or a
+            name is not a node of the graph.
+    """
+    nodes = {node.name: node for node in graph.nodes}
+    for name in (*inputs, *outputs):
+        if name not in nodes:
+            raise ValueError(f"'{name}' is not a node of the traced graph")
+    needed: set[fx.Node] = set()
+    stack = [nodes[name] for name in outputs]
+    while stack:
+        node = stack.pop()
+        if node in needed or node.name in inputs:
+            continue
+        if node.op == "placeholder":
+            raise ValueError(
+                f"the values {list(outputs)} depend on the model input '{node.name}', "
+                f"not only on {list(inputs)}"
+            )
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    cut = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[name]: cut.placeholder(name) for name in inputs}
+    for node in graph.nodes:
+        if node in needed:
+            env[node] = cut.node_copy(node, lambda arg: env[arg])
+    values = [env[nodes[name]] for name in outputs]
+    cut.output(values[0] if len(values) == 1 else tuple(values))
+    return cut
+
+
+def runnable(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` (cut from a trace of a model of ``model``'s architecture) computing with ``model``'s own
+    modules and parameters, shared, not copied."""
+    return fx.GraphModule(model, graph)
+
+
+def input_node(graph: fx.Graph) -> str:
+    """The name of the traced model's (single) input.
+
+    Raises:
+        ValueError: the forward takes several inputs (fusion feeds it one calibration tensor).
+    """
+    placeholders = [node.name for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(
+            f"the model's forward takes {len(placeholders)} inputs ({', '.join(placeholders)}); fusion feeds "
+            "it one calibration tensor"
+        )
+    return placeholders[0]
+
+
+def output_node(graph: fx.Graph) -> str:
+    """The name of the node whose value the traced model returns.
+
+    Raises:
+        ValueError: the forward returns several values or something other than a computed tensor.
+    """
+    (output,) = [node for node in graph.nodes if node.op == "output"]
+    value = output.args[0]
+    if not isinstance(value, fx.Node):
+        raise ValueError(
+            f"the model's forward returns {type(value).__name__}; fusion needs a model that returns one "
+            "tensor (its logits)"
+        )
+    return value.name
+
+
+def tapped(model: nn.Module, graph: fx.Graph, place: str) -> tuple[fx.GraphModule, nn.Module]:
+    """``model`` (as traced in ``graph``) with an ``nn.Identity`` after the node ``place``, so that the
+    value there is a module's output, which attribution methods (captum's layer methods) need."""
+    tap = nn.Identity()
+    copied = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = copied.node_copy(node, lambda arg: env[arg])
+        if node.name == place:
+            env[node] = copied.call_module("fedfuse_tap", (env[node],))
+    owner = fx.GraphModule(model, graph)
+    owner.add_module("fedfuse_tap", tap)
+    return fx.GraphModule(owner, copied), tap

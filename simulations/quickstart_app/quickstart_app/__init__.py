@@ -1,0 +1,1 @@
+"""quickstart_app: Flower's quickstart-pytorch, offline, with FedFuse in place of FedAvg."""

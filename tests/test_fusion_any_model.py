@@ -1,0 +1,237 @@
+"""Any PyTorch model, as Flower users write them: levels are found by tracing what forward runs, residual
+connections make streams the linear variant fits too, and what cannot be fused correctly is refused by
+name."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedfuse import FusionConfig, LevelSpec, describe_levels, fuse
+from fedfuse.fusion import UntraceableModelError
+from fedfuse.fusion.clustering import _fill_empty_groups
+from tests.permutation import permuted_copy
+from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
+from tests.user_models import (
+    CalledTwice,
+    DataDependent,
+    QuickstartNet,
+    Reordered,
+    SmallResNet,
+    TiedNet,
+)
+
+EXACT = FusionConfig(ridge=0.0)
+
+
+@pytest.fixture(scope="module")
+def quickstart() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The quickstart Net, a permuted copy, and calibration images: 1,500, so that even the ReLU units that
+    random images rarely switch on are spanned and the closed form is exact."""
+    torch.manual_seed(0)
+    model = QuickstartNet().eval()
+    calibration = torch.randn(1500, 3, 32, 32)
+    return model, permuted_copy(model, seed=1, example=calibration), calibration
+
+
+def test_fusing_permuted_copies_of_flowers_quickstart_net_recovers_its_function(quickstart) -> None:
+    model, permuted, calibration = quickstart
+    result = fuse([model, permuted], calibration, EXACT)
+    assert [level.name for level in result.report.levels] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert result.report.levels[2].fan_in == 16 * 5 * 5 + 1  # fc1 reads the flattened conv2 channels
+    assert_same_function(result.model, model, torch.randn(100, 3, 32, 32), tolerance=1e-4)
+
+
+def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:
+    torch.manual_seed(0)
+    model = Reordered().eval()
+    calibration = torch.randn(400, 10)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert [level.name for level in result.report.levels] == ["0", "2", "1"]
+    assert_same_function(result.model, model, torch.randn(100, 10), tolerance=1e-4)
+
+
+def test_a_torchvision_style_resnet_with_projection_shortcuts_is_recovered_by_the_linear_variant() -> None:
+    """Each convolution is a level fitted in closed form; the stream's levels share its grouping and the
+    last term of each residual sum is fitted to the stream's target minus the fused other terms."""
+    torch.manual_seed(0)
+    calibration = torch.rand(300, 1, 12, 12)
+    model = trained_statistics(SmallResNet(), calibration)
+    parents = [model] + [permuted_copy(model, seed=s, example=calibration) for s in (1, 2)]
+    result = fuse(parents, calibration, EXACT)
+    plan = describe_levels(model, calibration[:4])
+    assert plan.spaces["conv1"].levels == ("conv1", "layer1.0.conv2", "layer1.1.conv2")
+    assert plan.spaces["layer2.0.conv2"].levels == (
+        "layer2.0.conv2",
+        "layer2.0.downsample.0",
+        "layer2.1.conv2",
+    )
+    completing = {level.name for level in plan.levels if level.residual}
+    assert completing == {"layer1.0.conv2", "layer1.1.conv2", "layer2.0.downsample.0", "layer2.1.conv2"}
+    assert all(level.closed_form for level in plan.levels)
+    assert_same_function(result.model, model, torch.rand(100, 1, 12, 12), tolerance=1e-3)
+
+
+def test_declared_linear_levels_are_fitted_in_closed_form_even_when_the_model_cannot_be_traced() -> None:
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    calibration = torch.randn(300, 8)
+    with pytest.raises(UntraceableModelError, match=r"DataDependent cannot be traced .* fusion_levels\(\)"):
+        fuse([model, copy.deepcopy(model)], calibration)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.fc.weight.copy_(model.fc.weight[order])
+        permuted.fc.bias.copy_(model.fc.bias[order])
+        permuted.head.weight.copy_(model.head.weight[:, order])
+    result = fuse([model, permuted], calibration, EXACT, levels=["fc", "head"])
+    assert [level.kind for level in result.report.levels] == ["linear", "linear"]
+    assert_same_function(result.model, model, torch.randn(100, 8), tolerance=1e-4)
+
+
+def test_tied_weights_are_refused_with_both_names() -> None:
+    with pytest.raises(ValueError, match=r"'fc2.weight' is the same tensor as 'fc1.weight' \(tied weights\)"):
+        fuse([TiedNet(), TiedNet()], torch.randn(32, 8))
+
+
+def test_a_module_with_parameters_called_twice_is_refused_with_its_name() -> None:
+    with pytest.raises(ValueError, match=r"module 'fc' \(Linear\) holds parameters and is called 2 times"):
+        fuse([CalledTwice(), CalledTwice()], torch.randn(32, 8))
+
+
+def test_each_level_is_fitted_on_the_fused_models_own_previous_levels() -> None:
+    """The head's weights are the ridge solution on the *fused* first level's outputs: recomputed here
+    from scratch, and far from the solution on a parent's own first-level outputs."""
+    torch.manual_seed(0)
+    parents = [nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval() for _ in range(2)]
+    x = torch.randn(500, 10)
+    ridge = 1e-3
+    fused = fuse(parents, x, FusionConfig(ridge=ridge)).model
+
+    def ridge_solution(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.double()
+        design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
+        gram = design.T @ design
+        gram.diagonal()[:-1] += ridge * (inputs.T @ inputs).diagonal().mean()
+        targets = torch.stack([parent(x) for parent in parents]).mean(0).double()  # classes by index
+        return torch.linalg.solve(gram, design.T @ targets).T.float()
+
+    with torch.no_grad():
+        own = ridge_solution(fused[1](fused[0](x)))
+        parents_inputs = ridge_solution(parents[0][1](parents[0][0](x)))
+        written = torch.cat([fused[2].weight, fused[2].bias[:, None]], dim=1)
+    torch.testing.assert_close(written, own, rtol=1e-3, atol=1e-4)
+    assert (written - parents_inputs).abs().max() > 0.1
+
+
+def test_the_gradient_variant_trains_every_level_from_its_start() -> None:
+    """From parent 0's weights (the aligned start), unrelated parents leave a gap that training closes: every
+    level's weights move, and the fused function ends nearer the parents' mean than parent 0 is."""
+    torch.manual_seed(0)
+    parents = [nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval() for _ in range(2)]
+    x = torch.randn(500, 10)
+    result = fuse(parents, x, FusionConfig(variant="gradient", level_init="parent", epochs=30))
+    fused = result.model
+    assert all(level.epochs is not None and level.epochs > 0 for level in result.report.levels)
+    for index in (0, 2):
+        assert (fused[index].weight - parents[0][index].weight).abs().max() > 1e-3
+    with torch.no_grad():
+        target = torch.stack([parent(x) for parent in parents]).mean(0)
+        assert (fused(x) - target).square().mean() < 0.5 * (parents[0](x) - target).square().mean()
+
+
+def test_empty_groups_are_given_the_farthest_member_of_a_crowded_group() -> None:
+    """k-means can leave a group empty when neurons coincide (dead units: identical zeros); every group
+    then takes the member of a group of two or more that lies farthest (weighted) from its group's mean."""
+    points = np.array([[0.0], [0.0], [0.0], [1.0], [5.0]])
+    weights = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    labels = np.array([0, 0, 0, 1, 1])  # group 2 empty; group 1's mean is 3, group 0's is 0
+    filled = _fill_empty_groups(points, weights, labels, groups=3)
+    assert sorted(set(filled.tolist())) == [0, 1, 2]
+    assert filled.tolist() == [0, 0, 0, 1, 2]  # point 4 (distance 4 from its mean) moves
+    heavy_far_point = _fill_empty_groups(points, np.array([1.0, 1.0, 1.0, 1.0, 9.0]), labels, groups=3)
+    assert heavy_far_point.tolist() == [0, 0, 0, 2, 1]  # the mean moves to 4.6: now point 3 is farthest
+    assert _fill_empty_groups(points, weights, np.array([0, 0, 0, 0, 0]), groups=3).tolist().count(0) == 3
+
+
+def test_one_model_fused_to_half_its_width_is_fitted_to_it_not_left_at_random() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(500, 10)
+    result = fuse([model], x, FusionConfig(width_multiplier=0.5))
+    assert result.model[0].out_features == 16 and len(result.report.levels) == 2
+    with torch.no_grad():
+        expected = model(x)
+        error = (result.model(x) - expected).square().mean() / expected.var()
+    assert error < 0.2
+
+
+def test_constant_calibration_inputs_warn_with_the_level_and_the_rank() -> None:
+    parents = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    with pytest.warns(
+        UserWarning, match=r"level '0': the 64 calibration rows span only 1 of the 7 .* \(rank 1\)"
+    ):
+        result = fuse(parents, torch.ones(64, 6))
+    assert result.report.levels[0].rank == 1 and result.report.levels[0].ill_posed
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        (torch.randn(32, 7), r"cannot run on the calibration inputs \(shape \[8, 7\], torch.float32\)"),
+        (
+            torch.randint(0, 5, (32, 6)),
+            r"cannot run on the calibration inputs \(shape \[8, 6\], torch.int64\)",
+        ),
+        (torch.full((32, 6), float("nan")), "calibration batch 0 holds NaN or Inf inputs"),
+        (
+            (torch.randn(32, 6), torch.full((32,), 3)),
+            r"labels must be class indices in \[0, 3\).*from 3 to 3",
+        ),
+        ((torch.randn(32, 6), torch.full((32,), -1)), r"labels must be class indices in \[0, 3\)"),
+    ],
+    ids=["feature-shape", "integer-dtype", "nan", "label-too-large", "label-negative"],
+)
+def test_calibration_problems_are_named_before_any_work(calibration: object, message: str) -> None:
+    parents = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    with pytest.raises(ValueError, match=message):
+        fuse(parents, calibration, FusionConfig(importance="gradient_x_activation"))
+
+
+def test_a_model_on_the_meta_device_is_refused() -> None:
+    with torch.device("meta"):
+        ghost = nn.Sequential(nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"parent 1's '0.weight' is on the meta device"):
+        fuse([nn.Sequential(nn.Linear(6, 3)), ghost], torch.randn(8, 6))
+
+
+def test_describe_levels_shows_each_levels_kind_width_stream_and_variants() -> None:
+    text = str(describe_levels(QuickstartNet(), torch.randn(2, 3, 32, 32)))
+    assert "QuickstartNet: 5 levels (traced)" in text
+    assert "fc1    linear  120    fc1      conv2 x25  linear, gradient" in text
+    assert "fc3    linear  10     classes  fc2        linear, gradient" in text
+    resnet = describe_levels(SmallResNet(), torch.rand(2, 1, 12, 12))
+    assert "stream conv1" in str(resnet) and "(+1 residual)" in str(resnet)
+
+
+def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:
+    from fedfuse.models import build_model
+
+    vit = build_model("vit", in_channels=1, image_size=8, num_classes=10, seed=0, dim=16, depth=1).eval()
+    images = torch.rand(64, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"only the gradient variant fits.*LayerNorm"):
+        fuse([vit, copy.deepcopy(vit)], images)
+    result = fuse([vit, copy.deepcopy(vit)], images, FusionConfig(variant="gradient", epochs=2))
+    assert {level.kind for level in result.report.levels} == {"conv2d", "block", "linear"}
+
+
+def test_levels_declared_by_argument_override_tracing(quickstart) -> None:
+    model, permuted, calibration = quickstart
+    declared = [LevelSpec("conv1"), "conv2", "fc1", "fc2", "fc3"]
+    result = fuse([model, permuted], calibration, EXACT, levels=declared)
+    assert not describe_levels(model, calibration[:2], levels=declared).traced
+    assert_same_function(result.model, model, torch.randn(50, 3, 32, 32), tolerance=1e-4)

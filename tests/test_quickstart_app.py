@@ -1,0 +1,129 @@
+"""The quickstart-style app (simulations/quickstart_app): Flower's quickstart-pytorch, offline, where
+FedFuse replaces FedAvg in one line; run for real through ``flwr run`` on a simulation SuperLink."""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from quickstart_app.task import Net, load_data, load_images, load_server_sets
+
+from fedfuse import describe_levels
+from tests.flower_processes import (
+    QUICKSTART_DIR,
+    Processes,
+    flower_env,
+    flwr_run,
+    free_port,
+    wait_until_healthy,
+)
+from tests.user_models import QuickstartNet
+
+REPO = QUICKSTART_DIR.parents[1]
+CONFIG = {
+    "dataset": "digits",
+    "data-dir": "",
+    "calibration-size": 200,
+    "evaluation-size": 400,
+    "seed": 0,
+    "partitioning": "iid",
+    "dirichlet-alpha": 0.5,
+    "batch-size": 32,
+}
+
+
+def test_the_apps_net_is_the_quickstarts_custom_module_as_written():
+    assert Net.__bases__ == (torch.nn.Module,)
+    ours, theirs = Net().state_dict(), QuickstartNet().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert [level.name for level in describe_levels(Net(), torch.zeros(2, 3, 32, 32)).levels] == [
+        "conv1",
+        "conv2",
+        "fc1",
+        "fc2",
+        "fc3",
+    ]
+
+
+def test_the_server_app_swaps_fedavg_for_fedfuse_in_one_line():
+    """The strategy is the only difference: one FedAvg(...) line and one FedFuse(...) line, same arguments
+    but FedFuse's model and calibration set."""
+    source = (QUICKSTART_DIR / "quickstart_app" / "server_app.py").read_text()
+    calls = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("FedAvg", "FedFuse")
+    ]
+    assert sorted(call.func.id for call in calls) == ["FedAvg", "FedFuse"]
+    fedavg, fedfuse = sorted(calls, key=lambda call: call.func.id)
+    assert [k.arg for k in fedfuse.keywords] == ["model_fn", "calibration", *[k.arg for k in fedavg.keywords]]
+
+
+def test_images_are_three_channel_32_pixel_squares_and_the_server_sets_never_reach_a_client():
+    data = load_images("digits", "")
+    assert data.x.shape[1:] == (3, 32, 32) and data.x.min() >= -1 and data.x.max() <= 1
+    (calibration_x, _), evaluation = load_server_sets(CONFIG)
+    server = {row.numpy().tobytes() for row in calibration_x} | {
+        row.numpy().tobytes() for batch, _ in evaluation for row in batch
+    }
+    for partition in range(5):
+        train, test = load_data(partition, 5, CONFIG)
+        for loader in (train, test):
+            assert not any(row.numpy().tobytes() in server for batch, _ in loader for row in batch)
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
+    home = tmp_path_factory.mktemp("flwr-home")
+    port = free_port()
+    env = flower_env(home, local_superlink_port=port)
+    processes = Processes(home)
+    superlink = processes.start(
+        "superlink",
+        [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+        ],
+        env,
+        cwd=home,
+    )  # fmt: skip
+    try:
+        wait_until_healthy(port, superlink)
+        yield env, home
+    finally:
+        processes.stop()
+
+
+def run_app(simulation, name: str, *config: str) -> tuple[dict, Path]:
+    env, home = simulation
+    output = home / "outputs" / name
+    overrides = " ".join([f"output-dir='{output}'", *config])
+    completed = flwr_run(
+        [str(QUICKSTART_DIR.relative_to(REPO)), "--federation-config", "num-supernodes=5", "-c", overrides],
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    log = f"{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
+    assert completed.returncode == 0, log
+    assert (output / "metrics.json").is_file(), log
+    return json.loads((output / "metrics.json").read_text()), output
+
+
+@pytest.mark.slow
+def test_flwr_run_fuses_the_quickstart_net_one_shot_and_saves_the_global_model(simulation):
+    metrics, output = run_app(simulation, "fedfuse")
+    round_one = metrics["train_metrics"]["1"]
+    assert (round_one["fusion-clients"], round_one["fusion-rejected"], round_one["fusion-failed"]) == (
+        5,
+        0,
+        0,
+    )
+    assert metrics["server_evaluation"]["0"]["accuracy"] < 0.25  # the untrained start: chance is 0.1
+    assert metrics["final"]["accuracy"] > 0.6
+    model = Net()
+    model.load_state_dict(torch.load(output / "final_model.pt"))  # the Net's keys and shapes
