@@ -110,7 +110,7 @@ def test_each_level_is_fitted_on_the_fused_models_own_previous_levels() -> None:
     parents = [nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval() for _ in range(2)]
     x = torch.randn(500, 10)
     ridge = 1e-3
-    fused = fuse(parents, x, FusionConfig(ridge=ridge)).model
+    fused = fuse(parents, x, FusionConfig(ridge=ridge, prior="zero")).model  # plain ridge: easy to redo
 
     def ridge_solution(inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.double()
@@ -129,19 +129,30 @@ def test_each_level_is_fitted_on_the_fused_models_own_previous_levels() -> None:
 
 
 def test_the_gradient_variant_trains_every_level_from_its_start() -> None:
-    """From parent 0's weights (the aligned start), unrelated parents leave a gap that training closes: every
-    level's weights move, and the fused function ends nearer the parents' mean than parent 0 is."""
+    """Unrelated parents leave a gap between a start and the targets that only training closes: from a
+    fresh random start the fused function ends near the parents' mean, and from the aligned start more
+    epochs fit the head better than one."""
     torch.manual_seed(0)
     parents = [nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval() for _ in range(2)]
     x = torch.randn(500, 10)
-    result = fuse(parents, x, FusionConfig(variant="gradient", level_init="parent", epochs=30))
-    fused = result.model
-    assert all(level.epochs is not None and level.epochs > 0 for level in result.report.levels)
-    for index in (0, 2):
-        assert (fused[index].weight - parents[0][index].weight).abs().max() > 1e-3
     with torch.no_grad():
         target = torch.stack([parent(x) for parent in parents]).mean(0)
-        assert (fused(x) - target).square().mean() < 0.5 * (parents[0](x) - target).square().mean()
+    fresh = fuse(parents, x, FusionConfig(variant="gradient", level_init="fresh", class_weights="uniform"))
+    untrained = copy.deepcopy(parents[0])
+    for layer in (untrained[0], untrained[2]):
+        layer.reset_parameters()
+    with torch.no_grad():
+        fused_error = (fresh.model(x) - target).square().mean()
+        random_error = (untrained(x) - target).square().mean()
+    assert fused_error < 0.05 * random_error
+    short, long = (
+        fuse(parents, x, FusionConfig(variant="gradient", epochs=epochs, patience=epochs)).report.levels
+        for epochs in (1, 30)
+    )
+    # The aligned start reproduces the first level's targets exactly (every parent reads the same input);
+    # the head's start does not, and training closes part of that gap.
+    assert short[0].fit_r2 == pytest.approx(1.0) and long[0].fit_r2 == pytest.approx(1.0)
+    assert long[1].fit_r2 > short[1].fit_r2 + 0.01
 
 
 def test_empty_groups_are_given_the_farthest_member_of_a_crowded_group() -> None:

@@ -71,7 +71,7 @@ def test_fusing_three_permuted_resnets_by_kmeans_recovers_the_function_closely(i
     assert_same_function(result.model, model, torch.rand(100, 1, 8, 8), tolerance=0.1)
 
 
-@pytest.mark.parametrize(("level_init", "tolerance"), [("parent", 1e-4), ("fresh", 0.2)])
+@pytest.mark.parametrize(("level_init", "tolerance"), [("aligned", 1e-4), ("fresh", 0.2)])
 def test_fusing_permuted_vits_recovers_the_function(
     images: torch.Tensor, level_init: str, tolerance: float
 ) -> None:

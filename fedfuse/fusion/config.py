@@ -8,7 +8,10 @@ from typing import Any
 
 VARIANTS = ("linear", "gradient")
 OPTIMIZERS = ("adam", "sgd")
-LEVEL_INITS = ("parent", "fresh")
+LEVEL_INITS = ("aligned", "fresh")
+CLASS_WEIGHTS = ("calibration", "uniform")
+OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
+PRIORS = ("parents", "zero")
 GROUPINGS = ("kmeans", "hungarian")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
 
@@ -31,9 +34,24 @@ class FusionConfig:
             backward pass, cheap). ``"conductance"``: captum's LayerConductance. ``"deeplift"``:
             captum's LayerDeepLift. Attribution targets are the calibration labels, or each parent's
             own prediction when there are none.
-        ridge: ridge regularisation of the least squares, relative to the mean diagonal of XᵀX (so
-            it is unit-free); the bias is not penalised. 0 gives the minimum-norm solution (the
-            paper's pseudo-inverse).
+        ridge: how strongly each least-squares fit is pulled toward its prior, relative to the mean
+            diagonal of XᵀX (so it is unit-free); the bias is not pulled. 0: the exact least-squares
+            fit nearest the prior (with ``prior="zero"``, the paper's pseudo-inverse).
+        prior: what the fits are pulled toward. ``"parents"``: the group members' own weights,
+            re-indexed through the previous level's grouping and averaged with the group shares
+            (`fedfuse.fusion.prior`), which keeps the fused weights the parents' size and keeps the
+            parents' knowledge where the calibration set says nothing. ``"zero"``: plain ridge.
+        class_weights: how the output layer weights each parent per class when ``fuse`` is given no
+            ``weights``. ``"calibration"``: estimated on the labelled calibration set, nothing asked of
+            the clients (`fedfuse.fusion.weights`); ``"uniform"``: all parents alike.
+        class_weight_sharpness: the power of the parents' true-class probabilities in the calibration
+            weights: higher favours each class's experts more.
+        output_target: what the output layer (the classes) is fitted to. ``"labels"``: the calibration
+            labels (the log of label-smoothed one-hot vectors), so the fused head is a linear probe of
+            the fused features, pulled toward the parents' aligned head; without labels, ``"logits"``.
+            ``"logits"``: the class-weighted mean of the parents' logits (the paper's target).
+            ``"log_probabilities"``: the log of the class-weighted mean of their probabilities (the
+            softmax ensemble's log-probabilities). Measured in docs/benchmarks.md.
         batch_size: calibration samples per forward pass when the calibration set is a tensor or
             an ``(inputs, labels)`` pair (a DataLoader keeps its own batches). Bounds peak memory.
         seed: seeds k-means; the same seed gives the same fused weights, bit for bit, on CPU.
@@ -52,15 +70,21 @@ class FusionConfig:
         patience: stop a level after this many epochs without a better held-out loss; the best
             weights are restored.
         validation_fraction: share of the calibration samples held out for early stopping.
-        level_init: ``"parent"``: a level starts from parent 0's weights (the groups are ordered like
-            parent 0's neurons, so they line up); ``"fresh"``: from a seeded random init.
+        level_init: ``"aligned"``: a layer starts from the parents' aligned average (the prior), a block
+            from the reference parent's weights (the parent with the lowest calibration loss, whose
+            neurons the groups are ordered like, so they line up); ``"fresh"``: from a seeded random
+            init.
         fit_batch_size: samples per gradient step.
     """
 
     variant: str = "linear"
     grouping: str = "kmeans"
     importance: str = "uniform"
-    ridge: float = 1e-4
+    ridge: float = 1e-2
+    prior: str = "parents"
+    class_weights: str = "calibration"
+    class_weight_sharpness: float = 2.0
+    output_target: str = "labels"
     batch_size: int = 256
     seed: int = 0
     kmeans_n_init: int = 3
@@ -73,7 +97,7 @@ class FusionConfig:
     epochs: int = 100
     patience: int = 10
     validation_fraction: float = 0.2
-    level_init: str = "parent"
+    level_init: str = "aligned"
     fit_batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -82,6 +106,9 @@ class FusionConfig:
         _check_choice("level_init", self.level_init, LEVEL_INITS)
         _check_choice("grouping", self.grouping, GROUPINGS)
         _check_choice("importance", self.importance, IMPORTANCES)
+        _check_choice("prior", self.prior, PRIORS)
+        _check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
+        _check_choice("output_target", self.output_target, OUTPUT_TARGETS)
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
             raise TypeError(f"FusionConfig.ridge must be a number, got {type(self.ridge).__name__}")
         if not math.isfinite(self.ridge) or self.ridge < 0:
@@ -103,6 +130,14 @@ class FusionConfig:
         ):
             raise ValueError(
                 f"FusionConfig.learning_rate must be a positive number, got {self.learning_rate!r}"
+            )
+        if not (
+            isinstance(self.class_weight_sharpness, (int, float))
+            and 0 < self.class_weight_sharpness < math.inf
+        ):
+            raise ValueError(
+                "FusionConfig.class_weight_sharpness must be a positive number, "
+                f"got {self.class_weight_sharpness!r}"
             )
         if not (isinstance(self.width_multiplier, (int, float)) and 0 < self.width_multiplier < math.inf):
             raise ValueError(

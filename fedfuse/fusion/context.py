@@ -10,9 +10,9 @@ from torch import nn
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.levels import Level, LevelPlan
-from fedfuse.fusion.parents import ParentWeights
 from fedfuse.fusion.reading import Reader
 from fedfuse.fusion.targets import SpaceGrouping
+from fedfuse.fusion.weights import ParentWeights
 
 
 @dataclass(frozen=True)

@@ -44,24 +44,33 @@ class LevelFit:
     fan_in: int
 
 
-def solve_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool) -> LevelFit:
-    """Solve min_W ‖X·W − T‖² + λ‖W‖² (bias unpenalised) for T = Z·shares − R, from accumulated statistics.
+def solve_level(
+    stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool, prior: Tensor | None = None
+) -> LevelFit:
+    """Solve min_W ‖X·W − T‖² + λ‖W − W₀‖² (bias unpenalised) for T = Z·shares + U, from accumulated
+    statistics; W₀ is ``prior`` (``[d (+1), g]``, the layout of the solution), or zero.
 
     λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' scale. With
-    ``ridge == 0`` the minimum-norm solution is taken (the paper's pseudo-inverse).
+    ``ridge == 0`` the minimum-norm solution is taken (the paper's pseudo-inverse), plus the prior's part
+    in the directions the data does not determine.
     """
     if with_bias:
-        xtx, xtz, xtr = stats.with_bias()
+        xtx, xtz, xtu = stats.with_bias()
     else:
-        xtx, xtz, xtr = stats.xtx, stats.xtz, stats.xtr
-    xtt = xtz @ shares - xtr
+        xtx, xtz, xtu = stats.xtx, stats.xtz, stats.xtu
+    xtt = xtz @ shares + xtu
     fan_in = stats.xtx.shape[0]
+    scale = stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    right = xtt.clone()
+    if prior is not None and ridge > 0:
+        right[:fan_in] += ridge * scale * prior[:fan_in]
     if ridge > 0:
-        scale = stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
         regularised = xtx.clone()
         regularised.diagonal()[:fan_in] += ridge * scale
         factor, info = torch.linalg.cholesky_ex(regularised)
-        solution = torch.cholesky_solve(xtt, factor) if info == 0 else _min_norm(regularised, xtt)
+        solution = torch.cholesky_solve(right, factor) if info == 0 else _min_norm(regularised, right)
+    elif prior is not None:  # the least-squares solution nearest the prior: W₀ + min-norm fit of the rest
+        solution = prior + _min_norm(xtx, xtt - xtx @ prior)
     else:
         solution = _min_norm(xtx, xtt)
     weight = solution[:fan_in]
@@ -70,9 +79,9 @@ def solve_level(stats: LevelStatistics, shares: Tensor, ridge: float, with_bias:
     rows = stats.rows
     assert stats.z.gram is not None and stats.z.sums is not None
     target_energy = (
-        (shares * (stats.z.gram @ shares)).sum(0) - 2 * (shares * stats.ztr).sum(0) + stats.r_squares
+        (shares * (stats.z.gram @ shares)).sum(0) + 2 * (shares * stats.ztu).sum(0) + stats.u_squares
     )
-    target_mean = (stats.z.sums @ shares - stats.r_sum) / rows
+    target_mean = (stats.z.sums @ shares + stats.u_sum) / rows
     output_energy = (solution * (xtx @ solution)).sum(0)
     residual = (target_energy - 2 * (solution * xtt).sum(0) + output_energy).sum().clamp_min(0)
     spread = (target_energy - rows * target_mean**2).sum()
@@ -107,8 +116,16 @@ def _min_norm(matrix: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.lstsq(matrix.cpu(), rhs.cpu(), driver="gelsd").solution.to(matrix.device)
 
 
-def write_level(layer: nn.Module, norm: nn.Module | None, fit: LevelFit) -> None:
-    """Make ``layer`` (and its folded BatchNorm) compute the fitted map, keeping every state_dict key.
+def write_level(
+    layer: nn.Module,
+    norm: nn.Module | None,
+    weight: Tensor,
+    bias: Tensor,
+    output_mean: Tensor,
+    output_var: Tensor,
+) -> None:
+    """Make ``layer`` (and its folded BatchNorm) compute the map ``x @ weight + bias`` (``weight``
+    ``[d, groups]`` in the layout of `solve_level`), keeping every state_dict key.
 
     Without BatchNorm the layer takes the fitted weight and bias. With one, the layer takes the fitted
     weight (and bias, if it has one) and the BatchNorm is refitted so that, in eval mode, it passes the
@@ -117,20 +134,19 @@ def write_level(layer: nn.Module, norm: nn.Module | None, fit: LevelFit) -> None
     So the statistics are right for the fused weights, and training the fused model further (as the
     next federated round does, with batch statistics) starts from the same function.
     """
-    weight = fit.weight.T.reshape(layer.weight.shape)
     with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer_bias = fit.bias if layer.bias is not None else torch.zeros_like(fit.bias)
+        layer.weight.copy_(weight.T.reshape(layer.weight.shape))
+        layer_bias = bias if layer.bias is not None else torch.zeros_like(bias)
         if layer.bias is not None:
-            layer.bias.copy_(fit.bias)
+            layer.bias.copy_(bias)
         if norm is None:
             return
-        missing_bias = fit.bias - layer_bias
-        mean = fit.output_mean - missing_bias
+        missing_bias = bias - layer_bias
+        mean = output_mean - missing_bias
         if norm.affine:
             norm.running_mean.copy_(mean)
-            norm.running_var.copy_(fit.output_var)
-            norm.weight.copy_((fit.output_var + norm.eps).sqrt())
+            norm.running_var.copy_(output_var)
+            norm.weight.copy_((output_var + norm.eps).sqrt())
             norm.bias.copy_(mean + missing_bias)
         else:
             norm.running_mean.copy_(-missing_bias)

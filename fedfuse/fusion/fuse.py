@@ -18,9 +18,11 @@ from fedfuse.fusion.declared import LevelSpec
 from fedfuse.fusion.gradient import fit_gradient
 from fedfuse.fusion.levels import Level, LevelPlan, plan_levels
 from fedfuse.fusion.linear import fit_linear
-from fedfuse.fusion.parents import check_parents, resolve_weights
+from fedfuse.fusion.parent_scores import ParentScores, score_parents
+from fedfuse.fusion.parents import check_parents
 from fedfuse.fusion.reading import Reader
 from fedfuse.fusion.report import FusionReport, LevelReport
+from fedfuse.fusion.weights import ParentWeights, calibrated_weights, given_weights, uniform_weights
 from fedfuse.fusion.width import resize_spaces
 
 
@@ -94,7 +96,12 @@ def fuse(
     parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
     plan, example = _plan(parents[0], calibration_set, config, levels)
     _check_width(config, len(models), plan)
-    parent_weights = resolve_weights(weights, len(models), plan.output_width)
+    # Measured on the calibration set: the parents' order (by what they compute, never by arrival) and,
+    # unless the caller gives weights, how much each parent counts per class.
+    scores = score_parents(parents, calibration_set, plan.output_width, device, dtype)
+    order = scores.order(parents)
+    parents, scores = [parents[k] for k in order], scores.reordered(order)
+    parent_weights = _weights(weights, order, scores, config, calibration_set.has_labels)
     if (
         config.grouping == "hungarian"
         and len(models) != 2
@@ -102,7 +109,7 @@ def fuse(
     ):
         raise ValueError(f"grouping='hungarian' matches exactly 2 parents; got {len(models)}. Use 'kmeans'")
 
-    fused = copy.deepcopy(parents[0])
+    fused = copy.deepcopy(parents[0])  # every parameter is fitted; the structure is everyone's
     fused_plan = plan
     if config.width_multiplier != 1:
         fused_plan = resize_spaces(fused, plan, config.width_multiplier, config.seed, example)
@@ -127,7 +134,7 @@ def fuse(
         fuse_level(index, level, context)
         for index, level in enumerate(tqdm(plan.levels, desc="fusing levels", disable=not config.progress))
     ]
-    _average_unused(fused, parents, plan)
+    _average_the_rest(fused, parents, plan)
     return FusionResult(
         _finish(fused, models[0]), _report(config, len(models), calibration_set, reports, started)
     )
@@ -202,14 +209,41 @@ def _check_width(config: FusionConfig, parents: int, plan: LevelPlan) -> None:
         )
 
 
-def _average_unused(fused: nn.Module, parents: list[nn.Module], plan: LevelPlan) -> None:
-    """Parameters the forward never uses cannot change the function; they take the parents' mean, not one
-    parent's values."""
+def _weights(
+    weights: object, order: list[int], scores: ParentScores, config: FusionConfig, labelled: bool
+) -> ParentWeights:
+    """The caller's weights (rows put in the parents' order), else the calibration estimate, else uniform."""
+    parents, classes = scores.true_class_probability.shape
+    if weights is not None:
+        resolved = given_weights(weights, parents, classes)
+        index = torch.as_tensor(order)
+        return ParentWeights(resolved.parents[index], resolved.classes[index], resolved.source)
+    if config.class_weights == "calibration" and labelled:
+        return calibrated_weights(scores, config.class_weight_sharpness)
+    return uniform_weights(parents, classes)
+
+
+def _average_the_rest(fused: nn.Module, parents: list[nn.Module], plan: LevelPlan) -> None:
+    """What no level fits takes the parents' mean, never one parent's values: parameters the forward never
+    uses (they cannot change the function), and buffers no fit sets (a BatchNorm's batch counter takes the
+    largest count)."""
+    fitted = {
+        f"{module}.{name}"
+        for level in plan.levels
+        for module in (level.norm, *level.modules)
+        if module
+        for name in ("running_mean", "running_var")
+    }
     with torch.no_grad():
         for name in plan.unused:
-            fused.get_parameter(name).copy_(
-                torch.stack([parent.get_parameter(name) for parent in parents]).mean(0)
-            )
+            values = torch.stack([parent.get_parameter(name) for parent in parents])
+            fused.get_parameter(name).copy_(values.mean(0))
+        for name, buffer in fused.named_buffers():
+            if name in fitted:
+                continue
+            values = torch.stack([parent.get_buffer(name) for parent in parents])
+            mean = values.double().mean(0).to(buffer.dtype)
+            buffer.copy_(mean if buffer.is_floating_point() else values.max(0).values)
 
 
 def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ early stopping on a held-out slice of the calibration samples and the best weigh
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -21,10 +22,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedfuse.fusion.batchnorm import renormalize_batchnorms
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.context import FusionContext
+from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
+from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.statistics import NeuronGram, rows_of
-from fedfuse.fusion.targets import SpaceGrouping, group_space, measure_points
+from fedfuse.fusion.statistics import NeuronGram, layer_inputs, rows_of
+from fedfuse.fusion.targets import SpaceGrouping, class_targets, group_space, measure_points, output_target
 
 
 def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelReport:
@@ -35,19 +38,23 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     grouping = context.groupings.get(space.name)
     method = "stream" if grouping is not None else None
     if grouping is None:
-        grams = measure_points(space, context)
+        grams = [] if space.fixed else measure_points(space, context)
         seconds["statistics"] = time.perf_counter() - clock
         grouping = context.groupings[space.name] = group_space(space, grams, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
 
     clock = time.perf_counter()
     fused_level = context.fused_level(level)
-    inputs, targets, gram = _cache(level, grouping, context)
+    direct = output_target(context) if space.classes and output_target(context) != "logits" else None
+    inputs, targets, gram = _cache(level, grouping, context, direct)
     body = context.fused_reader.body(context.fused, fused_level)
     parameters = [context.fused.get_parameter(name) for name in fused_level.parameters]
     owners = _owners(context.fused, fused_level)
+    parent_norm = statistics.mean(_norm(parent, level) for parent in context.parents)
     if context.config.level_init == "fresh":
         _reinitialise(owners, seed=context.config.seed + index)
+    elif level.closed_form:
+        _start_from_prior(level, fused_level, grouping, inputs, context)
     weights = grouping.group_weights / grouping.group_weights.mean()
     config = context.config
     epochs = _train(body, parameters, inputs, targets, weights, level.axis, config, index)
@@ -66,30 +73,71 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
         seconds=seconds,
         space=level.space,
         epochs=epochs,
+        weight_norm=_norm(context.fused, fused_level),
+        parent_weight_norm=parent_norm,
     )
 
 
 def _cache(
-    level: Level, grouping: SpaceGrouping, context: FusionContext
+    level: Level, grouping: SpaceGrouping, context: FusionContext, direct: str | None
 ) -> tuple[Tensor, Tensor, NeuronGram]:
-    """The fused model's inputs to the level and its targets (group targets minus the fused residual
-    terms), for every calibration sample; and the parents' Gram matrix at the level's target."""
+    """The fused model's inputs to the level and its targets (group targets, or the classes' own target
+    when ``direct`` names one, `class_targets`; minus the fused residual terms), for every calibration
+    sample; and the parents' Gram matrix at the level's target."""
     shares = grouping.shares.to(context.device, context.dtype)
     inputs, targets = [], []
     gram = NeuronGram()
     places = [level.input, *level.residual]
     with torch.no_grad():
-        for batch, _ in context.calibration.batches(context.device, context.dtype):
+        for batch, labels in context.calibration.batches(context.device, context.dtype):
             fused_input, *terms = context.fused_reader.read(context.fused, batch, places)
             inputs.append(fused_input.detach())
             outputs = [
                 context.parent_reader.read(parent, batch, [level.target])[0] for parent in context.parents
             ]
             stacked = torch.cat([out.movedim(level.axis, -1) for out in outputs], dim=-1)
-            gram.add(stacked.reshape(-1, stacked.shape[-1]))
-            target = (stacked @ shares).movedim(-1, level.axis)
+            rows = stacked.reshape(-1, stacked.shape[-1])
+            gram.add(rows)
+            if direct is not None:
+                own = class_targets(direct, rows, labels, grouping, len(outputs))
+                assert own is not None
+                target = own.to(context.dtype).reshape(*stacked.shape[:-1], -1).movedim(-1, level.axis)
+            else:
+                target = (stacked @ shares).movedim(-1, level.axis)
             targets.append(target - torch.stack(terms).sum(0) if terms else target)
     return torch.cat(inputs), torch.cat(targets), gram
+
+
+def _start_from_prior(
+    level: Level, fused_level: Level, grouping: SpaceGrouping, inputs: Tensor, context: FusionContext
+) -> None:
+    """Start a layer from the parents' aligned average (`fedfuse.fusion.prior`), its BatchNorm set to
+    pass the layer's output on the cached inputs through unchanged."""
+    assert level.layer is not None and fused_level.layer is not None
+    layer = context.fused.get_submodule(fused_level.layer)
+    norm = context.fused.get_submodule(fused_level.norm) if fused_level.norm else None
+    with_bias = layer.bias is not None or norm is not None
+    parent_maps = [folded_weights(parent, level.layer, level.norm) for parent in context.parents]
+    prior = aligned_prior(level, grouping, parent_maps, context, with_bias)
+    if prior is None:
+        return
+    fan_in = prior.shape[0] - int(with_bias)
+    weight = prior[:fan_in]
+    bias = prior[fan_in] if with_bias else torch.zeros(prior.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        rows = [layer_inputs(layer, batch).double() @ weight for batch in inputs.split(1024)]
+        outputs = torch.cat(rows) + bias
+    write_level(layer, norm, weight, bias, outputs.mean(0), outputs.var(0, unbiased=False))
+
+
+def _norm(model: nn.Module, level: Level) -> float:
+    """The Frobenius norm of a level's weights: a layer's folded map (bias left out), a block's parameters."""
+    if level.layer is not None:
+        layer = model.get_submodule(level.layer)
+        with_bias = layer.bias is not None or level.norm is not None
+        return weight_norm(folded_weights(model, level.layer, level.norm), with_bias)
+    values = [model.get_parameter(name).detach().double().flatten() for name in level.parameters]
+    return float(torch.cat(values).norm()) if values else 0.0
 
 
 def _fan_in(model: nn.Module, level: Level, inputs: Tensor) -> int:

@@ -1,11 +1,9 @@
-"""Checks on the parent models, and their weights, done before any work so bad input changes nothing."""
+"""Checks on the parent models, done before any work so bad input changes nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -71,64 +69,3 @@ def _check_same_modules(index: int, reference: list[tuple[str, type, str]], mode
             )
     if len(modules) != len(reference):
         raise ValueError(f"parent {index} has {len(modules)} modules; parent 0 has {len(reference)}")
-
-
-@dataclass(frozen=True)
-class ParentWeights:
-    """How much each parent counts.
-
-    Attributes:
-        parents: ``[K]`` per-parent weights with mean 1; they multiply the importance scores of the
-            parent's neurons in every hidden level.
-        classes: ``[K, C]`` per-class shares of each parent in the output layer; each column sums to 1.
-    """
-
-    parents: Tensor
-    classes: Tensor
-
-
-def resolve_weights(weights: object, num_parents: int, num_classes: int) -> ParentWeights:
-    """Turn the user's ``weights`` into per-parent and per-class shares.
-
-    Args:
-        weights: ``None`` (all parents equal); a length-K sequence of positive per-parent weights, such
-            as the clients' example counts; or a ``[K, C]`` array of non-negative per-parent, per-class
-            weights, such as each client's label counts (the row sums then weight the parents, and each
-            column weights that class's output neuron; a class no parent holds falls back to the row sums).
-
-    Raises:
-        ValueError: wrong shape, a negative or non-finite value, or a parent of weight 0.
-    """
-    if weights is None:
-        uniform = torch.full((num_parents,), 1.0, dtype=torch.float64)
-        return ParentWeights(
-            uniform, torch.full((num_parents, num_classes), 1.0 / num_parents, dtype=torch.float64)
-        )
-    try:
-        array = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"weights must be numbers, shaped [K] or [K, C]: {error}") from None
-    if array.dim() not in (1, 2) or array.shape[0] != num_parents:
-        raise ValueError(
-            f"weights must have shape [{num_parents}] or [{num_parents}, C]; got {tuple(array.shape)}"
-        )
-    if array.dim() == 2 and array.shape[1] != num_classes:
-        raise ValueError(
-            f"per-class weights have {array.shape[1]} columns; the output layer has {num_classes} neurons"
-        )
-    if not bool(torch.isfinite(array).all()) or bool((array < 0).any()):
-        raise ValueError("weights must be finite and non-negative")
-    per_parent = array if array.dim() == 1 else array.sum(dim=1)
-    zero = torch.nonzero(per_parent == 0).flatten()
-    if len(zero):
-        raise ValueError(
-            f"weights of parent {int(zero[0])} are 0: a parent of weight 0 adds nothing; leave it out"
-        )
-    if array.dim() == 1:
-        classes = (per_parent / per_parent.sum()).unsqueeze(1).expand(num_parents, num_classes).clone()
-    else:
-        column_totals = array.sum(dim=0, keepdim=True)
-        classes = torch.where(column_totals > 0, array / column_totals.clamp_min(1e-300), 0.0)
-        empty = (column_totals == 0).flatten()
-        classes[:, empty] = (per_parent / per_parent.sum()).unsqueeze(1)
-    return ParentWeights(per_parent / per_parent.mean(), classes)

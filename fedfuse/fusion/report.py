@@ -32,6 +32,9 @@ class LevelReport:
         live_inputs: linear variant: the inputs (bias included) not zero on every row; a rank below
             it means the calibration set does not span them, and the fit is underdetermined.
         epochs: gradient variant: epochs the level trained for (early stopping may end it sooner).
+        weight_norm, parent_weight_norm: the Frobenius norm of the fused level's weights (a layer's
+            map with its BatchNorm folded in, bias left out; every parameter of a block), and the
+            parents' mean: fused weights far larger than the parents' make the next round diverge.
     """
 
     name: str
@@ -47,6 +50,8 @@ class LevelReport:
     rank: int | None = None
     live_inputs: int | None = None
     epochs: int | None = None
+    weight_norm: float | None = None
+    parent_weight_norm: float | None = None
 
     @property
     def ill_posed(self) -> bool:

@@ -1,12 +1,14 @@
 """Streaming sufficient statistics of one level: all that grouping and the least-squares fit need.
 
 For a level with fused inputs X (``[rows, d]``: the fused model's own input to the level, unfolded into
-patches for a convolution), parent neuron values Z (``[rows, K·n]``: every parent's value at the level's
-target, one column per parent neuron) and, for a level that completes a residual sum, the fused model's
-other terms of that sum R (``[rows, g]``), the group targets are T = Z·A − R, where A holds the
-grouping's importance-weighted shares. The fit needs XᵀX and XᵀT = (XᵀZ)·A − XᵀR; grouping needs the Gram
-matrix ZᵀZ; the fit's R² needs ZᵀR and the norms of R. All are sums over rows, accumulated batch by batch
-in float64: memory is O((d + K·n)²), whatever the calibration set's size.
+patches for a convolution) and parent neuron values Z (``[rows, K·n]``: every parent's value at the
+level's target, one column per parent neuron), the targets are T = Z·A + U: A holds the grouping's
+importance-weighted shares, and U (``[rows, g]``) is what the targets add beyond a mix of the parents'
+values: minus the fused model's other terms of the residual sum the level completes, or the whole target
+when it is no linear mix (the log of a mixture of the parents' probabilities; A is then 0). The fit needs
+XᵀX and XᵀT = (XᵀZ)·A + XᵀU; grouping needs the Gram matrix ZᵀZ; the fit's R² needs ZᵀU and the norms
+of U. All are sums over rows, accumulated batch by batch in float64: memory is O((d + K·n)²), whatever
+the calibration set's size.
 """
 
 from __future__ import annotations
@@ -69,16 +71,16 @@ class NeuronGram:
 
 class LevelStatistics:
     """Sums over calibration rows of one level, for fused inputs of width d, m = K·n parent neurons and
-    (optionally) g residual terms.
+    g fused neurons.
 
     Attributes:
         rows: calibration rows seen (samples × output positions).
         xtx: ``[d, d]`` XᵀX.   x_sum: ``[d]`` column sums of X.
         xtz: ``[d, m]`` XᵀZ.   z: the parents' `NeuronGram` (ZᵀZ, ΣZ).
-        xtr: ``[d, g]`` XᵀR.   ztr: ``[m, g]`` ZᵀR.   r_sum, r_squares: ``[g]`` ΣR and Σ R² per term.
+        xtu: ``[d, g]`` XᵀU.   ztu: ``[m, g]`` ZᵀU.   u_sum, u_squares: ``[g]`` ΣU and ΣU² per neuron.
     """
 
-    def __init__(self, fan_in: int, neurons: int, residual: int, device: torch.device) -> None:
+    def __init__(self, fan_in: int, neurons: int, groups: int, device: torch.device) -> None:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
@@ -86,27 +88,27 @@ class LevelStatistics:
         self.xtx, self.x_sum = zeros(fan_in, fan_in), zeros(fan_in)
         self.xtz = zeros(fan_in, neurons)
         self.z = NeuronGram()
-        self.xtr, self.ztr = zeros(fan_in, residual), zeros(neurons, residual)
-        self.r_sum, self.r_squares = zeros(residual), zeros(residual)
+        self.xtu, self.ztu = zeros(fan_in, groups), zeros(neurons, groups)
+        self.u_sum, self.u_squares = zeros(groups), zeros(groups)
 
-    def add(self, x: Tensor, z: Tensor, r: Tensor | None) -> None:
+    def add(self, x: Tensor, z: Tensor, u: Tensor | None) -> None:
         """Add a batch: ``x`` ``[rows, d]`` fused inputs, ``z`` ``[rows, m]`` parent neuron values and
-        ``r`` ``[rows, g]`` the residual terms' sum (or None)."""
+        ``u`` ``[rows, g]`` the targets' offset (None: zero)."""
         x, z = x.double(), z.double()
         self.rows += x.shape[0]
         self.xtx.addmm_(x.T, x)
         self.x_sum += x.sum(0)
         self.xtz.addmm_(x.T, z)
         self.z.add(z)
-        if r is not None:
-            r = r.double()
-            self.xtr.addmm_(x.T, r)
-            self.ztr.addmm_(z.T, r)
-            self.r_sum += r.sum(0)
-            self.r_squares += (r * r).sum(0)
+        if u is not None:
+            u = u.double()
+            self.xtu.addmm_(x.T, u)
+            self.ztu.addmm_(z.T, u)
+            self.u_sum += u.sum(0)
+            self.u_squares += (u * u).sum(0)
 
     def with_bias(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(XᵀX, XᵀZ, XᵀR)`` for X with a column of ones appended: ``[d+1, d+1]``, ``[d+1, m]``,
+        """``(XᵀX, XᵀZ, XᵀU)`` for X with a column of ones appended: ``[d+1, d+1]``, ``[d+1, m]``,
         ``[d+1, g]``."""
         d = self.xtx.shape[0]
         xtx = self.xtx.new_empty(d + 1, d + 1)
@@ -117,5 +119,5 @@ class LevelStatistics:
         return (
             xtx,
             torch.cat([self.xtz, self.z.sums.unsqueeze(0)]),
-            torch.cat([self.xtr, self.r_sum.unsqueeze(0)]),
+            torch.cat([self.xtu, self.u_sum.unsqueeze(0)]),
         )

@@ -4,7 +4,10 @@ Free spaces are grouped by importance-weighted k-means (or Hungarian matching fo
 parents' neuron values at the space's points (`fedfuse.fusion.levels.Space`): one level's outputs, or
 every level output and residual sum of a stream, each point weighted by the inverse of its total
 variance so that every point counts alike. Fixed spaces (the classes) are grouped by index: class c of
-every parent makes fused class c, weighted per class. The group targets are T = Z·shares.
+every parent makes fused class c, weighted per class (`fedfuse.fusion.weights`) and, as in the paper,
+by each parent's importance score for that class neuron. The group targets are T = Z·shares; the
+classes may instead be fitted to the calibration labels or to the log of the class-weighted mix of the
+parents' probabilities (`class_targets`).
 """
 
 from __future__ import annotations
@@ -64,18 +67,26 @@ def measure_points(space: Space, context: FusionContext) -> list[NeuronGram]:
 
 
 def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContext) -> SpaceGrouping:
-    """Decide ``space``'s grouping from its points' Gram matrices (``grams``, one per point)."""
+    """Decide ``space``'s grouping from its points' Gram matrices (``grams``, one per point; fixed spaces
+    need none)."""
     parents = len(context.parents)
     weights = context.weights
     if space.fixed:
-        per_class = (
-            weights.classes
-            if space.classes
-            else (weights.parents / weights.parents.sum()).unsqueeze(1).expand(parents, space.width)
-        )
+        clock = time.perf_counter()
+        if space.classes:
+            per_class = weights.classes
+            if context.config.importance != "uniform":
+                scored = per_class * _scores(space, context).reshape(parents, space.width)
+                per_class = scored / scored.sum(dim=0, keepdim=True)
+        else:
+            per_class = (weights.parents / weights.parents.sum()).unsqueeze(1).expand(parents, space.width)
         shares = shares_by_index(per_class)
         return SpaceGrouping(
-            "index", shares, per_class.flatten(), torch.ones(space.width, dtype=torch.float64)
+            "index",
+            shares,
+            per_class.flatten(),
+            torch.ones(space.width, dtype=torch.float64),
+            importance_seconds=time.perf_counter() - clock,
         )
     clock = time.perf_counter()
     scores = _scores(space, context) * weights.parents.repeat_interleave(space.width)
@@ -98,6 +109,58 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
     return SpaceGrouping(
         config.grouping, found.shares, scores, group_weights, importance_seconds, time.perf_counter() - clock
     )
+
+
+#: Label smoothing of the ``"labels"`` output target: the true class's logit then exceeds the others'
+#: by log(0.9 · (C - 1) / 0.1), about 4.4 for ten classes, the margin of a confident classifier.
+LABEL_SMOOTHING = 0.1
+
+
+def output_target(context: FusionContext) -> str:
+    """The classes' target for this fusion: the configured one, or ``"logits"`` for ``"labels"`` when the
+    calibration set has none."""
+    target = context.config.output_target
+    return "logits" if target == "labels" and not context.calibration.has_labels else target
+
+
+def class_targets(
+    kind: str, values: Tensor, labels: Tensor | None, grouping: SpaceGrouping, parents: int
+) -> Tensor | None:
+    """``[rows, C]`` targets of the classes that are no linear mix of the parents' logits ``values``
+    (``[rows, K·C]``): ``"labels"`` (`label_logits`) or ``"log_probabilities"`` (`log_mixture`);
+    None for ``"logits"`` (the grouping's shares mix them).
+
+    Raises:
+        ValueError: label targets for outputs with more rows than samples (not one logit vector each).
+    """
+    if kind == "log_probabilities":
+        return log_mixture(values, grouping.shares.to(values.device), parents)
+    if kind == "labels":
+        assert labels is not None
+        if len(labels) != values.shape[0]:
+            raise ValueError(
+                f"output_target='labels' needs one output row per sample; the classes have {values.shape[0]} "
+                f"rows for {len(labels)} samples. Use output_target='logits'"
+            )
+        return label_logits(labels, values.shape[1] // parents).to(values.device)
+    return None
+
+
+def label_logits(labels: Tensor, classes: int) -> Tensor:
+    """``[N, C]`` the log of label-smoothed one-hot vectors, centred (logits are defined up to a shift)."""
+    smoothed = torch.full((len(labels), classes), LABEL_SMOOTHING / (classes - 1), dtype=torch.float64)
+    smoothed[torch.arange(len(labels)), labels.cpu()] = 1 - LABEL_SMOOTHING
+    logits = smoothed.log()
+    return logits - logits.mean(dim=1, keepdim=True)
+
+
+def log_mixture(values: Tensor, shares: Tensor, parents: int) -> Tensor:
+    """``[rows, C]`` log Σ_k w_kc · softmax(z_k)_c: the class-weighted softmax ensemble's log-probabilities,
+    from the parents' logits ``values`` ``[rows, K·C]`` and the index grouping's ``shares`` (w_kc)."""
+    classes = values.shape[1] // parents
+    log_probabilities = torch.log_softmax(values.double().reshape(-1, parents, classes), dim=2)
+    weights = shares.sum(dim=1).reshape(parents, classes).to(log_probabilities)
+    return torch.logsumexp(log_probabilities + weights.clamp_min(1e-300).log(), dim=1)
 
 
 def _combined(grams: Sequence[NeuronGram]) -> tuple[Tensor, Tensor]:

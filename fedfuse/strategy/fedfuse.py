@@ -225,9 +225,8 @@ class FedFuse(FedAvg):
                     type(error).__name__,
                     error,
                 )
-        # The parents' order steers k-means. Replies arrive in any order and node ids change from run to
-        # run, so order by content: the same client models give the same fused model.
-        valid.sort(key=lambda reply: reply.fingerprint)
+        # No ordering here: the engine orders the parents by what they compute on the calibration set, so
+        # neither the replies' arrival order nor their node ids (new every run) change the fused model.
         rejected = len(replies) - len(valid)
         log(INFO, "aggregate_train: Received %s valid results and %s rejected", len(valid), rejected)
 

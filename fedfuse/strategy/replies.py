@@ -9,7 +9,6 @@ cannot make the server fuse, or crash on, arrays that do not fit the global mode
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,14 +53,6 @@ class TrainReply:
     num_examples: float
     label_counts: np.ndarray | None
     content: RecordDict
-
-    @property
-    def fingerprint(self) -> bytes:
-        """A digest of the model's values: an order of replies that depends on nothing but the models."""
-        digest = hashlib.sha256()
-        for array in self.arrays.values():
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.digest()
 
 
 def array_specs(record: ArrayRecord) -> dict[str, ArraySpec]:

@@ -1,0 +1,113 @@
+"""The prior a level's fit is pulled toward: the parents' own weights, aligned by the groupings.
+
+A fused neuron stands for its group's members; its input channels stand for the groups of the previous
+level. So the members' weights, re-indexed through the previous level's grouping (each parent's input
+channels summed into the fused channel they went to) and averaged with the group's shares, give weights
+that compute the group target from the fused inputs as far as the members agree. At the first level
+every parent reads the same input, and this aligned average reproduces the group target exactly.
+
+Fitting by least squares pulled toward that prior (ridge toward it, not toward zero) keeps the parents'
+knowledge in the directions the calibration set does not span, so the fused weights stay the size of the
+parents' (a next round of training does not diverge), and the fused first layer no longer lies in the
+span of the calibration inputs (which a minimum-norm or ridge-to-zero solution would reveal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from fedfuse.fusion.levels import Level
+
+if TYPE_CHECKING:
+    from fedfuse.fusion.context import FusionContext
+    from fedfuse.fusion.targets import SpaceGrouping
+
+
+def folded_weights(parent: nn.Module, layer: str, norm: str | None) -> Tensor:
+    """A parent's layer as its closed-form map: ``[n, fan_in (+1)]``, one row per neuron, inputs in the
+    order of ``weight.flatten(1)``, the bias last when the map has one; a folded BatchNorm (eval mode)
+    is multiplied in."""
+    module = parent.get_submodule(layer)
+    weight = module.weight.detach().double().flatten(1)
+    bias = module.bias.detach().double() if module.bias is not None else None
+    if norm is not None:
+        batchnorm = parent.get_submodule(norm)
+        scale = (batchnorm.running_var.double() + batchnorm.eps).rsqrt()
+        shift = -batchnorm.running_mean.double() * scale
+        if batchnorm.affine:
+            scale, shift = (
+                scale * batchnorm.weight.detach().double(),
+                shift * batchnorm.weight.detach().double(),
+            )
+            shift = shift + batchnorm.bias.detach().double()
+        weight = weight * scale[:, None]
+        bias = shift if bias is None else bias * scale + shift
+    return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
+
+
+def assignments(shares: Tensor, parents: int) -> list[Tensor]:
+    """Per parent, the fused group each of its neurons went to (``[n]`` each), from a grouping's shares
+    ``[K·n, groups]`` (each neuron a member of exactly one group)."""
+    return list(shares.argmax(dim=1).reshape(parents, -1))
+
+
+def aligned_average(
+    weights: Sequence[Tensor],
+    shares: Tensor,
+    inputs: Sequence[Tensor] | None,
+    input_groups: int,
+    with_bias: bool,
+) -> Tensor:
+    """The group members' weights, re-indexed to the fused inputs and averaged by the group shares.
+
+    Args:
+        weights: per parent ``[n, fan_in (+1)]`` (`folded_weights`), fan_in = channels · positions.
+        shares: ``[K·n, g]`` the level's grouping (columns sum to 1).
+        inputs: per parent, the fused input group of each of its input channels (``[channels]``), or
+            None when the inputs keep their index (the model's input, a fixed space).
+        input_groups: the fused level's input channels.
+        with_bias: the last column of each weight is a bias (never re-indexed).
+
+    Returns:
+        ``[fan_in' (+1), g]``: the prior in the layout of the closed-form solution (one column per
+        fused neuron), fan_in' = input_groups · positions.
+    """
+    aligned = []
+    for k, weight in enumerate(weights):
+        bias = weight[:, -1:] if with_bias else weight[:, :0]
+        matrix = weight[:, :-1] if with_bias else weight
+        if inputs is not None:
+            channels = len(inputs[k])
+            blocks = matrix.reshape(matrix.shape[0], channels, -1)
+            summed = blocks.new_zeros(matrix.shape[0], input_groups, blocks.shape[2])
+            summed.index_add_(1, inputs[k].to(blocks.device), blocks)
+            matrix = summed.flatten(1)
+        aligned.append(torch.cat([matrix, bias], dim=1))
+    stacked = torch.cat(aligned, dim=0)  # [K·n, fan_in' (+1)]
+    return shares.to(stacked).T.matmul(stacked).T
+
+
+def weight_norm(weights: Tensor, with_bias: bool) -> float:
+    """The Frobenius norm of a map's weights (its bias left out)."""
+    return float((weights[:, :-1] if with_bias else weights).norm())
+
+
+def aligned_prior(
+    level: Level, grouping: SpaceGrouping, parent_maps: list[Tensor], context: FusionContext, with_bias: bool
+) -> Tensor | None:
+    """A level's prior for the fused model: the `aligned_average` of its group members' maps
+    (``parent_maps``, `folded_weights` of every parent), re-indexed through the grouping of the space its
+    inputs come from; None for a fit pulled toward zero (``prior="zero"``, or inputs whose channels
+    cannot be traced back)."""
+    if context.config.prior == "zero" or level.source == "?":
+        return None
+    if level.source is None:  # the model's input, or channels that keep their index
+        inputs, input_groups = None, 0
+    else:
+        source = context.groupings[level.source]
+        inputs, input_groups = assignments(source.shares, len(context.parents)), context.groups(level.source)
+    return aligned_average(parent_maps, grouping.shares, inputs, input_groups, with_bias).to(context.device)
