@@ -14,8 +14,7 @@ import pytest
 import torch
 from fedfuse_app.task import RunSettings, model_factory, split_for
 
-from simulations.training import evaluate
-from tests.flower_processes import (
+from simulations.flower_processes import (
     APP_DIR,
     Processes,
     flower_env,
@@ -24,6 +23,7 @@ from tests.flower_processes import (
     is_running,
     wait_until_healthy,
 )
+from simulations.training import evaluate
 
 REPO = APP_DIR.parents[1]
 NODES = 3

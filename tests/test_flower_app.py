@@ -20,8 +20,8 @@ from fedfuse_app.task import RunSettings, client_partition, model_factory, split
 from flwr.serverapp.strategy import FedAvg
 
 from fedfuse import FedFuse
+from simulations.flower_processes import APP_DIR, flwr_run, simulation_superlink
 from simulations.training import evaluate
-from tests.flower_processes import APP_DIR, Processes, flower_env, flwr_run, free_port, wait_until_healthy
 
 REPO = APP_DIR.parents[1]
 FLWR_RUN_TIMEOUT = 300  # seconds; a healthy run takes about 30 on two cores
@@ -144,24 +144,8 @@ def test_the_strategy_key_picks_fedfuse_or_fedavg_with_every_node_sampled():
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
     """A simulation SuperLink, as `flwr run` would start it, but started (and stopped) by this module."""
     home = tmp_path_factory.mktemp("flwr-home")
-    port = free_port()
-    env = flower_env(home, local_superlink_port=port)
-    processes = Processes(home)
-    superlink = processes.start(
-        "superlink",
-        [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-        ],
-        env,
-        cwd=home,
-    )  # fmt: skip
-    try:
-        # Healthy before `flwr run` probes the port; else it would start a SuperLink of its own.
-        wait_until_healthy(port, superlink)
+    with simulation_superlink(home) as env:
         yield env, home
-    finally:
-        processes.stop()
 
 
 def run_app(simulation, name: str, *config: str) -> dict:

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from simulations.baselines import ENSEMBLES
 from simulations.benchmarks.fusion_benchmark import main
 from simulations.benchmarks.memory import peak_memory
 
@@ -19,7 +20,7 @@ def test_the_benchmark_reports_every_method_with_setting_and_machine(tmp_path, c
     methods = [row["method"] for row in result["rows"]]
     assert methods == [
         "mean parent", "best parent", "averaging", "fedfuse linear uniform", "fedfuse gradient uniform",
-        "fedfuse linear hungarian", "ensemble",
+        "fedfuse linear hungarian", *ENSEMBLES,
     ]  # fmt: skip
     fused = [row for row in result["rows"] if row["method"].startswith("fedfuse")]
     assert all(row["fusion_seconds"] > 0 and 0 <= row["accuracy"] <= 1 for row in fused)

@@ -99,18 +99,34 @@ def test_permuting_the_parents_changes_no_prediction(specialists, variant: str) 
 
 
 def test_the_fits_are_pulled_toward_the_parents_not_toward_zero(specialists) -> None:
-    """With 10 calibration images (fewer than the 65 inputs of the first layer), a fit pulled toward zero
-    puts every fused first-layer row in the span of those images (any client could rebuild them from the
-    fused weights); pulled toward the parents' aligned weights, the rows lie outside it as a client's do,
-    and the fused weights stay the parents' size."""
+    """With 10 calibration images (fewer than the 65 inputs of the first layer), the paper's minimum-norm
+    fit puts every fused first-layer row in the span of those images (any client could rebuild them from
+    the fused weights); pulled toward the parents' aligned weights, the rows lie outside it as a client's
+    do, and the fused weights stay the parents' size."""
     parents, (x, y), _ = specialists
     few = (x[:10], y[:10])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 10 rows for a fan-in of 65: underdetermined on purpose
         toward_parents = fuse(parents, few)
-        toward_zero = fuse(parents, few, FusionConfig(prior="zero"))
+        toward_zero = fuse(parents, few, FusionConfig(prior="zero", ridge=0.0))
     client = min(energy_outside_span(parent[1].weight, few[0]) for parent in parents)
     assert energy_outside_span(toward_zero.model[1].weight, few[0]) < 1e-9
     assert energy_outside_span(toward_parents.model[1].weight, few[0]) > 0.5 * client
     for level in toward_parents.report.levels:
         assert level.weight_norm < 3 * level.parent_weight_norm, (level.name, level.weight_norm)
+
+
+def test_a_polish_mends_a_poor_fused_model_and_never_leaves_it_worse(specialists) -> None:
+    """Fitted to uniformly averaged logits, the specialists' fused model is poor; a few epochs of polish on
+    the calibration set mend it. The default fused model is already as good as the held-out loss can
+    tell, and the polish then keeps its weights (the best held-out epoch is the start)."""
+    parents, calibration, test = specialists
+    poor = FusionConfig(output_target="logits", class_weights="uniform")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unpolished = fuse(parents, calibration, poor).model
+        polished = fuse(parents, calibration, FusionConfig(**{**poor.to_dict(), "polish_epochs": 30})).model
+        default = fuse(parents, calibration).model
+        kept = fuse(parents, calibration, FusionConfig(polish_epochs=30)).model
+    assert accuracy(polished, test) > accuracy(unpolished, test) + 0.3
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), kept.state_dict().values()))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedfuse.fusion.config import VARIANTS
+from simulations.baselines import ENSEMBLES
 from simulations.one_shot.cli import main
 
 SMALL = [
@@ -51,9 +52,11 @@ def test_one_setting_scores_every_method_on_the_same_client_models(single) -> No
     rows = {row["method"]: row for row in setting["rows"]}
     assert list(rows) == [
         "client 0", "client 1", "client 2", "best client", "mean client", "fedavg one-shot",
-        *(f"fedfuse {variant} uniform" for variant in VARIANTS), "ensemble", "fedavg 2 rounds", "central",
+        *(f"fedfuse {variant} uniform" for variant in VARIANTS), *ENSEMBLES, "best ensemble",
+        "fedavg 2 rounds", "central",
     ]  # fmt: skip
     assert rows["best client"]["accuracy"] == max(rows[f"client {k}"]["accuracy"] for k in range(3))
+    assert rows["best ensemble"]["accuracy"] == max(rows[name]["accuracy"] for name in ENSEMBLES)
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
         merged = row["method"].startswith(("fedavg one-shot", "fedfuse"))

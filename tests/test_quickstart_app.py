@@ -13,14 +13,7 @@ import torch
 from quickstart_app.task import Net, load_data, load_images, load_server_sets
 
 from fedfuse import describe_levels
-from tests.flower_processes import (
-    QUICKSTART_DIR,
-    Processes,
-    flower_env,
-    flwr_run,
-    free_port,
-    wait_until_healthy,
-)
+from simulations.flower_processes import QUICKSTART_DIR, flwr_run, simulation_superlink
 from tests.user_models import QuickstartNet
 
 REPO = QUICKSTART_DIR.parents[1]
@@ -78,24 +71,10 @@ def test_images_are_three_channel_32_pixel_squares_and_the_server_sets_never_rea
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
+    """A simulation SuperLink, as `flwr run` would start it, but started (and stopped) by this module."""
     home = tmp_path_factory.mktemp("flwr-home")
-    port = free_port()
-    env = flower_env(home, local_superlink_port=port)
-    processes = Processes(home)
-    superlink = processes.start(
-        "superlink",
-        [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-        ],
-        env,
-        cwd=home,
-    )  # fmt: skip
-    try:
-        wait_until_healthy(port, superlink)
+    with simulation_superlink(home) as env:
         yield env, home
-    finally:
-        processes.stop()
 
 
 def run_app(simulation, name: str, *config: str) -> tuple[dict, Path]:

@@ -149,7 +149,7 @@ def test_summary_logs_the_fusion_configuration_and_then_fedavgs(strategy, flwr_l
     assert "FedFuse settings" in text
     assert "120 labelled inputs" in text
     assert "grouping (kmeans)" in text and "importance (uniform)" in text
-    assert "'label-counts'" in text
+    assert "Parent weights: calibration" in text
     assert "Minimum nodes: train (2)" in text  # FedAvg's part follows
 
 
@@ -184,22 +184,40 @@ def values(state: dict[str, torch.Tensor]) -> bytes:
     return b"".join(tensor.numpy().tobytes() for tensor in state.values())
 
 
-def test_the_result_is_the_engines_fusion_of_the_client_models_each_weighted_by_its_num_examples(
+def test_by_default_the_result_is_the_engines_fusion_weighted_by_what_the_server_measures(
     strategy, client_states, calibration, monkeypatch
 ):
+    """Claimed example counts do not weight the fusion: the engine measures every parent itself."""
     calls = spy_on_fuse(monkeypatch)
+    replies = [
+        reply(n, s, {"num-examples": w})
+        for n, s, w in zip([1, 2, 3], client_states, [10, 50, 1e9], strict=True)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    (call,) = calls
+    assert call["weights"] is None
+    assert {values(m.state_dict()) for m in call["models"]} == {values(s) for s in client_states}
+    expected = fuse(call["models"], calibration, config=FusionConfig(seed=0)).model
+    for key, tensor in expected.state_dict().items():
+        np.testing.assert_array_equal(arrays[key].numpy(), tensor.numpy())
+
+
+def test_with_parent_weights_num_examples_each_client_is_weighted_by_its_claim(
+    calibration, client_states, monkeypatch
+):
+    calls = spy_on_fuse(monkeypatch)
+    strategy = FedFuse(
+        make_net, calibration, fusion_config=FusionConfig(seed=0), parent_weights="num-examples"
+    )
     replies = [
         reply(n, s, {"num-examples": w})
         for n, s, w in zip([1, 2, 3], client_states, [10, 50, 40], strict=True)
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-
     (call,) = calls
     parents = {values(m.state_dict()): w for m, w in zip(call["models"], call["weights"], strict=True)}
     assert parents == {values(s): w for s, w in zip(client_states, [10.0, 50.0, 40.0], strict=True)}
-    expected = fuse(call["models"], calibration, config=FusionConfig(seed=0), weights=call["weights"]).model
-    for key, tensor in expected.state_dict().items():
-        np.testing.assert_array_equal(arrays[key].numpy(), tensor.numpy())
 
 
 def test_the_metrics_report_clients_fused_and_rejected_fusion_seconds_fit_quality_and_client_metrics(
@@ -213,6 +231,7 @@ def test_the_metrics_report_clients_fused_and_rejected_fusion_seconds_fit_qualit
     assert metrics["fusion-rejected"] == 1
     assert metrics["fusion-seconds"] > 0
     assert 0 < metrics["fusion-mean-fit-r2"] <= 1
+    assert 0 < metrics["fusion-max-norm-ratio"] < 3  # the fused weights stay the clients' size
     assert metrics["train-loss"] == pytest.approx(0.1)  # FedAvg's weighted mean of the clients' own metric
     assert "num-examples" not in metrics
 
@@ -236,7 +255,7 @@ def test_fusion_depends_on_the_client_models_only_not_on_reply_order_or_node_ids
         assert first[key].data == second[key].data
 
 
-# --- label counts (opt-in) -------------------------------------------------------------------------
+# --- label counts (opt-in: parent_weights="label-counts") --------------------------------------------
 
 
 def spy_on_fuse(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -250,9 +269,15 @@ def spy_on_fuse(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return calls
 
 
+@pytest.fixture
+def counting(calibration) -> FedFuse:
+    return FedFuse(make_net, calibration, fusion_config=FusionConfig(seed=0), parent_weights="label-counts")
+
+
 def test_label_counts_reported_by_every_client_weight_the_output_layer_per_class(
-    strategy, client_states, monkeypatch
+    counting, client_states, monkeypatch
 ):
+    strategy = counting
     calls = spy_on_fuse(monkeypatch)
     counts = [[50, 30, 20], [0, 10, 90], [33, 33, 34]]
     replies = [
@@ -271,8 +296,9 @@ def test_label_counts_reported_by_every_client_weight_the_output_layer_per_class
 
 
 def test_label_counts_from_only_some_clients_fall_back_to_num_examples_with_a_warning(
-    strategy, client_states, monkeypatch, flwr_log
+    counting, client_states, monkeypatch, flwr_log
 ):
+    strategy = counting
     calls = spy_on_fuse(monkeypatch)
     replies = [
         reply(1, client_states[0], {"num-examples": 60, "label-counts": [20, 20, 20]}),

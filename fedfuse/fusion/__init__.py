@@ -6,6 +6,7 @@ from fedfuse.fusion.fuse import FusionResult, check_fusable, fuse
 from fedfuse.fusion.levels import LevelPlan, describe_levels
 from fedfuse.fusion.report import FusionReport, LevelReport
 from fedfuse.fusion.tracing import UntraceableModelError
+from fedfuse.fusion.weights import class_weights
 
 __all__ = [
     "FusionConfig",
@@ -16,6 +17,7 @@ __all__ = [
     "LevelSpec",
     "UntraceableModelError",
     "check_fusable",
+    "class_weights",
     "describe_levels",
     "fuse",
 ]

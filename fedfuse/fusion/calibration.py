@@ -77,6 +77,18 @@ class CalibrationSet:
         inputs, _ = next(self.batches(device, dtype))
         return inputs[:size]
 
+    def head(self, count: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The first ``count`` labelled samples (fewer if the set is smaller), as one batch."""
+        inputs, labels, taken = [], [], 0
+        for x, y in self.batches(device, dtype):
+            assert y is not None
+            inputs.append(x[: count - taken])
+            labels.append(y[: count - taken])
+            taken += len(inputs[-1])
+            if taken >= count:
+                break
+        return torch.cat(inputs), torch.cat(labels)
+
     def check_labels(self, classes: int) -> None:
         """Labels must be class indices of a model with ``classes`` outputs.
 

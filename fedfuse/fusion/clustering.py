@@ -68,8 +68,12 @@ def shares_by_index(class_weights: Tensor) -> Tensor:
 
 
 def _embedding(gram: Tensor) -> np.ndarray:
+    """Points with the neurons' pairwise distances; one coordinate of zeros when every neuron is zero (all
+    dead, say): then every grouping costs the same."""
     values, vectors = torch.linalg.eigh(gram)
     keep = values > values.max().clamp_min(0) * gram.shape[0] * torch.finfo(torch.float64).eps
+    if not bool(keep.any()):
+        return np.zeros((gram.shape[0], 1))
     return (vectors[:, keep] * values[keep].sqrt()).numpy()
 
 

@@ -12,6 +12,7 @@ LEVEL_INITS = ("aligned", "fresh")
 CLASS_WEIGHTS = ("calibration", "uniform")
 OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
 PRIORS = ("parents", "zero")
+SHARPNESS_LIMITS = ("none", "parents")
 GROUPINGS = ("kmeans", "hungarian")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
 
@@ -75,6 +76,17 @@ class FusionConfig:
             neurons the groups are ordered like, so they line up); ``"fresh"``: from a seeded random
             init.
         fit_batch_size: samples per gradient step.
+
+    After fusion (either variant):
+        polish_epochs: most epochs of a short polish of the whole fused model on the labelled
+            calibration set, toward the labels and the parents' class-weighted softmax ensemble, with
+            early stopping (`fedfuse.fusion.polish`); 0 (the default) leaves it out.
+        sharpness_limit: ``"parents"``: for a fused model that clients will train further, raise the
+            ridge (toward the aligned prior) until the fused model's loss is no sharper on the
+            calibration set than its parents' median (`fedfuse.fusion.sharpness`): clients trained by
+            SGD sit at the sharpness their learning rate allows, and a sharper start diverges. Needs
+            labels. ``"none"`` (the default): the most accurate fit. FedFuse sets ``"parents"`` for
+            every round but the last.
     """
 
     variant: str = "linear"
@@ -98,6 +110,8 @@ class FusionConfig:
     patience: int = 10
     validation_fraction: float = 0.2
     level_init: str = "aligned"
+    polish_epochs: int = 0
+    sharpness_limit: str = "none"
     fit_batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -109,6 +123,7 @@ class FusionConfig:
         _check_choice("prior", self.prior, PRIORS)
         _check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         _check_choice("output_target", self.output_target, OUTPUT_TARGETS)
+        _check_choice("sharpness_limit", self.sharpness_limit, SHARPNESS_LIMITS)
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
             raise TypeError(f"FusionConfig.ridge must be a number, got {type(self.ridge).__name__}")
         if not math.isfinite(self.ridge) or self.ridge < 0:
@@ -131,6 +146,12 @@ class FusionConfig:
             raise ValueError(
                 f"FusionConfig.learning_rate must be a positive number, got {self.learning_rate!r}"
             )
+        if (
+            isinstance(self.polish_epochs, bool)
+            or not isinstance(self.polish_epochs, int)
+            or self.polish_epochs < 0
+        ):
+            raise ValueError(f"FusionConfig.polish_epochs must be an int >= 0, got {self.polish_epochs!r}")
         if not (
             isinstance(self.class_weight_sharpness, (int, float))
             and 0 < self.class_weight_sharpness < math.inf

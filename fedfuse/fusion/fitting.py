@@ -50,9 +50,11 @@ def solve_level(
     """Solve min_W ‖X·W − T‖² + λ‖W − W₀‖² (bias unpenalised) for T = Z·shares + U, from accumulated
     statistics; W₀ is ``prior`` (``[d (+1), g]``, the layout of the solution), or zero.
 
-    λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' scale. With
-    ``ridge == 0`` the minimum-norm solution is taken (the paper's pseudo-inverse), plus the prior's part
-    in the directions the data does not determine.
+    λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' overall scale. It is
+    the same for every input: an input the calibration set barely excites gets no larger weight than the
+    prior's (a penalty scaled per input, as for standardised inputs, lets such rare inputs take huge
+    weights, which made fused models far sharper than their parents). With ``ridge == 0`` the least-squares
+    solution nearest the prior is taken (with no prior, the paper's pseudo-inverse).
     """
     if with_bias:
         xtx, xtz, xtu = stats.with_bias()
@@ -60,13 +62,13 @@ def solve_level(
         xtx, xtz, xtu = stats.xtx, stats.xtz, stats.xtu
     xtt = xtz @ shares + xtu
     fan_in = stats.xtx.shape[0]
-    scale = stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    penalty = ridge * stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     right = xtt.clone()
     if prior is not None and ridge > 0:
-        right[:fan_in] += ridge * scale * prior[:fan_in]
+        right[:fan_in] += penalty * prior[:fan_in]
     if ridge > 0:
         regularised = xtx.clone()
-        regularised.diagonal()[:fan_in] += ridge * scale
+        regularised.diagonal()[:fan_in] += penalty
         factor, info = torch.linalg.cholesky_ex(regularised)
         solution = torch.cholesky_solve(right, factor) if info == 0 else _min_norm(regularised, right)
     elif prior is not None:  # the least-squares solution nearest the prior: W₀ + min-norm fit of the rest

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +22,18 @@ from fedfuse.fusion.levels import Level, LevelPlan, plan_levels
 from fedfuse.fusion.linear import fit_linear
 from fedfuse.fusion.parent_scores import ParentScores, score_parents
 from fedfuse.fusion.parents import check_parents
+from fedfuse.fusion.polish import polish
 from fedfuse.fusion.reading import Reader
 from fedfuse.fusion.report import FusionReport, LevelReport
+from fedfuse.fusion.sharpness import SAMPLES as SHARPNESS_SAMPLES
+from fedfuse.fusion.sharpness import sharpness
 from fedfuse.fusion.weights import ParentWeights, calibrated_weights, given_weights, uniform_weights
 from fedfuse.fusion.width import resize_spaces
+
+#: With ``sharpness_limit="parents"``: the ridge is raised by this factor until the fused model is no
+#: sharper than its parents' median, up to `MAX_RIDGE` (where the fits are mostly the aligned prior).
+RIDGE_STEP = math.sqrt(10)
+MAX_RIDGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,35 +119,72 @@ def fuse(
     ):
         raise ValueError(f"grouping='hungarian' matches exactly 2 parents; got {len(models)}. Use 'kmeans'")
 
+    if len(models) == 1 and config.width_multiplier == 1:
+        return FusionResult(
+            _finish(copy.deepcopy(parents[0]), models[0]), _report(config, 1, calibration_set, [], started)
+        )
+
+    limit = None
+    if config.sharpness_limit == "parents" and calibration_set.has_labels:
+        inputs, labels = calibration_set.head(SHARPNESS_SAMPLES, device, dtype)
+        limit = statistics.median(sharpness(parent, inputs, labels, config.seed) for parent in parents)
+    attempt = config
+    while True:
+        fused, reports = _fuse_levels(parents, calibration_set, attempt, parent_weights, plan, example)
+        measured = None if limit is None else sharpness(fused, inputs, labels, config.seed)
+        if measured is None or measured <= limit or attempt.ridge >= MAX_RIDGE:
+            break
+        attempt = replace(attempt, ridge=min(MAX_RIDGE, attempt.ridge * RIDGE_STEP))
+    if config.polish_epochs and calibration_set.has_labels:
+        polish(
+            fused,
+            parents,
+            calibration_set,
+            parent_weights.classes,
+            config.polish_epochs,
+            config.seed,
+            device,
+            dtype,
+        )
+    report = _report(attempt, len(models), calibration_set, reports, started, measured, limit)
+    return FusionResult(_finish(fused, models[0]), report)
+
+
+def _fuse_levels(
+    parents: list[nn.Module],
+    calibration: CalibrationSet,
+    config: FusionConfig,
+    weights: ParentWeights,
+    plan: LevelPlan,
+    example: Tensor,
+) -> tuple[nn.Module, list[LevelReport]]:
+    """One fusion of the (ordered) parents: a fresh copy of the reference parent, resized if asked, every
+    level fitted in turn, the rest averaged."""
     fused = copy.deepcopy(parents[0])  # every parameter is fitted; the structure is everyone's
     fused_plan = plan
     if config.width_multiplier != 1:
         fused_plan = resize_spaces(fused, plan, config.width_multiplier, config.seed, example)
-    if len(models) == 1 and config.width_multiplier == 1:
-        return FusionResult(_finish(fused, models[0]), _report(config, 1, calibration_set, [], started))
-
+    parameter = next(fused.parameters())
     parent_reader = Reader(plan)
     context = FusionContext(
         parents=parents,
         fused=fused,
-        calibration=calibration_set,
+        calibration=calibration,
         config=config,
-        weights=parent_weights,
+        weights=weights,
         plan=plan,
         fused_plan=fused_plan,
         parent_reader=parent_reader,
         fused_reader=parent_reader if fused_plan is plan else Reader(fused_plan),
-        device=device,
-        dtype=dtype,
+        device=parameter.device,
+        dtype=parameter.dtype,
     )
     reports = [
         fuse_level(index, level, context)
         for index, level in enumerate(tqdm(plan.levels, desc="fusing levels", disable=not config.progress))
     ]
     _average_the_rest(fused, parents, plan)
-    return FusionResult(
-        _finish(fused, models[0]), _report(config, len(models), calibration_set, reports, started)
-    )
+    return fused, reports
 
 
 def check_fusable(
@@ -253,7 +300,13 @@ def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:
 
 
 def _report(
-    config: FusionConfig, parents: int, calibration: CalibrationSet, levels: list[LevelReport], started: float
+    config: FusionConfig,
+    parents: int,
+    calibration: CalibrationSet,
+    levels: list[LevelReport],
+    started: float,
+    sharpness: float | None = None,
+    limit: float | None = None,
 ) -> FusionReport:
     return FusionReport(
         parents=parents,
@@ -261,4 +314,6 @@ def _report(
         config=config.to_dict(),
         levels=tuple(levels),
         seconds=time.perf_counter() - started,
+        sharpness=sharpness,
+        parent_sharpness=limit,
     )

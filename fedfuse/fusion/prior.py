@@ -49,26 +49,31 @@ def folded_weights(parent: nn.Module, layer: str, norm: str | None) -> Tensor:
     return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
 
 
-def assignments(shares: Tensor, parents: int) -> list[Tensor]:
-    """Per parent, the fused group each of its neurons went to (``[n]`` each), from a grouping's shares
-    ``[K·n, groups]`` (each neuron a member of exactly one group)."""
-    return list(shares.argmax(dim=1).reshape(parents, -1))
+def assignments(grouping: SpaceGrouping, parents: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per parent, the fused group each of its neurons went to (``[n]`` each; every neuron is a member of
+    exactly one group) and the factor that turns the fused channel into that neuron's scale (its scale
+    over its group target's, ``[n]`` each)."""
+    group = grouping.unit_shares.argmax(dim=1)
+    factor = grouping.scales / grouping.group_scales[group]
+    return list(group.reshape(parents, -1)), list(factor.reshape(parents, -1))
 
 
 def aligned_average(
     weights: Sequence[Tensor],
     shares: Tensor,
-    inputs: Sequence[Tensor] | None,
+    inputs: tuple[Sequence[Tensor], Sequence[Tensor]] | None,
     input_groups: int,
     with_bias: bool,
 ) -> Tensor:
-    """The group members' weights, re-indexed to the fused inputs and averaged by the group shares.
+    """The group members' weights, re-indexed to the fused inputs and mixed by the group shares.
 
     Args:
         weights: per parent ``[n, fan_in (+1)]`` (`folded_weights`), fan_in = channels · positions.
-        shares: ``[K·n, g]`` the level's grouping (columns sum to 1).
-        inputs: per parent, the fused input group of each of its input channels (``[channels]``), or
-            None when the inputs keep their index (the model's input, a fixed space).
+        shares: ``[K·n, g]`` the level's grouping (T = Z·shares).
+        inputs: per parent, the fused input group of each of its input channels and the factor from
+            the fused channel to the parent's (`assignments`); None when the inputs keep their index (the
+            model's input, a fixed space). A parent channel c that went to fused channel h reads about
+            factor_c times what h carries, so its weight column moves to h multiplied by factor_c.
         input_groups: the fused level's input channels.
         with_bias: the last column of each weight is a bias (never re-indexed).
 
@@ -81,10 +86,10 @@ def aligned_average(
         bias = weight[:, -1:] if with_bias else weight[:, :0]
         matrix = weight[:, :-1] if with_bias else weight
         if inputs is not None:
-            channels = len(inputs[k])
-            blocks = matrix.reshape(matrix.shape[0], channels, -1)
+            groups, factors = inputs[0][k].to(matrix.device), inputs[1][k].to(matrix)
+            blocks = matrix.reshape(matrix.shape[0], len(groups), -1) * factors[None, :, None]
             summed = blocks.new_zeros(matrix.shape[0], input_groups, blocks.shape[2])
-            summed.index_add_(1, inputs[k].to(blocks.device), blocks)
+            summed.index_add_(1, groups, blocks)
             matrix = summed.flatten(1)
         aligned.append(torch.cat([matrix, bias], dim=1))
     stacked = torch.cat(aligned, dim=0)  # [K·n, fan_in' (+1)]
@@ -109,5 +114,5 @@ def aligned_prior(
         inputs, input_groups = None, 0
     else:
         source = context.groupings[level.source]
-        inputs, input_groups = assignments(source.shares, len(context.parents)), context.groups(level.source)
+        inputs, input_groups = assignments(source, len(context.parents)), context.groups(level.source)
     return aligned_average(parent_maps, grouping.shares, inputs, input_groups, with_bias).to(context.device)

@@ -65,13 +65,18 @@ class LevelReport:
 
 @dataclass(frozen=True)
 class FusionReport:
-    """The whole fusion: its setting, one `LevelReport` per level, and totals."""
+    """The whole fusion: its setting (``config["ridge"]`` is the ridge the fits used), one `LevelReport`
+    per level, and totals. With ``sharpness_limit="parents"``: ``sharpness``, the fused model's largest
+    Hessian eigenvalue on the calibration set, and ``parent_sharpness``, its limit (the parents'
+    median; `fedfuse.fusion.sharpness`)."""
 
     parents: int
     calibration_samples: int
     config: dict[str, Any]
     levels: tuple[LevelReport, ...]
     seconds: float
+    sharpness: float | None = None
+    parent_sharpness: float | None = None
 
     @property
     def mean_fit_r2(self) -> float:

@@ -33,9 +33,20 @@ if TYPE_CHECKING:
 class SpaceGrouping:
     """How a space's K·n parent neurons make its fused neurons.
 
+    Neurons are grouped by the direction of their values, each rescaled to unit root mean square
+    (``scales``), and each group target is the importance-weighted mean of its members so rescaled, times
+    the members' mean scale. A ReLU network computes the same function when a neuron's weights are
+    scaled by a positive factor and the next layer's inputs from it by the inverse, so a parent's raw
+    scale says nothing of what a neuron computes: grouping raw values would let one parent with large
+    activations take a group per neuron and leave the others crowded into the rest.
+
     Attributes:
         method: ``"kmeans"``, ``"hungarian"`` or ``"index"`` (fixed spaces: the classes).
-        shares: ``[K·n, groups]``: the group targets are T = Z·shares (columns sum to 1).
+        shares: ``[K·n, groups]``: the group targets are T = Z·shares.
+        unit_shares: ``[K·n, groups]``: the same groups over the rescaled neurons Z·diag(1/scales)
+            (each column sums to 1: the members' weights s_j / S_k).
+        scales: ``[K·n]`` each neuron's root mean square (ones for index groupings).
+        group_scales: ``[groups]`` each group target's scale: its members' weighted mean scale.
         scores: ``[K·n]`` the neurons' importance, parent weights included.
         group_weights: ``[groups]`` S_k, the total importance of each group.
         importance_seconds, grouping_seconds: where the time went.
@@ -43,15 +54,21 @@ class SpaceGrouping:
 
     method: str
     shares: Tensor
+    unit_shares: Tensor
+    scales: Tensor
+    group_scales: Tensor
     scores: Tensor
     group_weights: Tensor
     importance_seconds: float = 0.0
     grouping_seconds: float = 0.0
 
     def cost(self, gram: NeuronGram) -> float:
-        """The share of the neurons' variance that merging loses, at the place ``gram`` measured."""
+        """The share of the (rescaled) neurons' variance that merging loses, at the place ``gram``
+        measured."""
         assert gram.gram is not None
-        return grouping_cost(gram.gram.cpu(), gram.variances.cpu(), self.scores, self.shares)
+        inverse = 1.0 / self.scales
+        rescaled = gram.gram.cpu() * inverse[:, None] * inverse[None, :]
+        return grouping_cost(rescaled, gram.variances.cpu() * inverse**2, self.scores, self.unit_shares)
 
 
 def measure_points(space: Space, context: FusionContext) -> list[NeuronGram]:
@@ -84,6 +101,9 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
         return SpaceGrouping(
             "index",
             shares,
+            shares,
+            torch.ones(shares.shape[0], dtype=torch.float64),
+            torch.ones(shares.shape[1], dtype=torch.float64),
             per_class.flatten(),
             torch.ones(space.width, dtype=torch.float64),
             importance_seconds=time.perf_counter() - clock,
@@ -93,11 +113,14 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
     importance_seconds = time.perf_counter() - clock
     clock = time.perf_counter()
     gram, variances = _combined(grams)
+    energy = gram.diagonal().clamp_min(0)
+    scales = energy.clamp_min(energy.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12).sqrt()
+    inverse = 1.0 / scales
     config = context.config
     found = group_neurons(
         config.grouping,
-        gram,
-        variances,
+        gram * inverse[:, None] * inverse[None, :],
+        variances * inverse**2,
         scores,
         space.width,
         context.groups(space.name),
@@ -105,9 +128,19 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
         n_init=config.kmeans_n_init,
         max_iter=config.kmeans_max_iter,
     )
+    group_scale = scales @ found.shares  # [groups] the members' weighted mean scale
+    shares = found.shares * inverse[:, None] * group_scale[None, :]
     group_weights = (scores[:, None] * (found.shares > 0)).sum(0)
     return SpaceGrouping(
-        config.grouping, found.shares, scores, group_weights, importance_seconds, time.perf_counter() - clock
+        config.grouping,
+        shares,
+        found.shares,
+        scales,
+        group_scale,
+        scores,
+        group_weights,
+        importance_seconds,
+        time.perf_counter() - clock,
     )
 
 

@@ -16,13 +16,16 @@ Weights the clients disclose (`given_weights`: example counts, or label counts) 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from fedfuse.fusion.parent_scores import ParentScores
+from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.fusion.parent_scores import ParentScores, score_parents
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,28 @@ def calibrated_weights(scores: ParentScores, sharpness: float) -> ParentWeights:
     shares = torch.where(present, raw / raw.sum(dim=0, keepdim=True), 1.0 / parents)
     per_parent = shares.mean(dim=1)
     return ParentWeights(per_parent / per_parent.mean(), shares, "calibration")
+
+
+def class_weights(
+    models: Sequence[nn.Module], calibration: Tensor | tuple | Iterable, sharpness: float = 2.0
+) -> Tensor:
+    """``[K, C]`` the per-parent, per-class weights `fuse` estimates on a labelled calibration set (each
+    column sums to 1): for baselines that get the same information (a class-weighted ensemble).
+
+    Raises:
+        ValueError: the calibration set has no labels, or the models are not classifiers.
+    """
+    calibration_set = CalibrationSet(calibration, batch_size=256)
+    if not calibration_set.has_labels:
+        raise ValueError("class weights are measured on labelled calibration data; it has no labels")
+    parameter = next(models[0].parameters())
+    copies = [copy.deepcopy(model).eval() for model in models]
+    with torch.no_grad():
+        classes = copies[0](calibration_set.example(parameter.device, parameter.dtype)).shape[-1]
+    scores = score_parents(copies, calibration_set, classes, parameter.device, parameter.dtype)
+    if not bool(torch.isfinite(scores.loss).all()):
+        raise ValueError("class weights need classifiers: models that output [batch, classes] logits")
+    return calibrated_weights(scores, sharpness).classes
 
 
 def given_weights(weights: object, num_parents: int, num_classes: int) -> ParentWeights:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from fedfuse.fusion import FusionConfig, FusionResult, LevelPlan, LevelSpec, check_fusable, fuse
@@ -27,6 +29,9 @@ from fedfuse.strategy.replies import (
     check_train_reply,
 )
 
+#: How the fusion weights the clients: measured by the server, or as the clients claim.
+PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
+
 #: The server-side calibration data: inputs, an (inputs, labels) pair, or a re-iterable of batches.
 Calibration = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Iterable
 
@@ -37,8 +42,9 @@ class FedFuse(FedAvg):
     A drop-in replacement for `flwr.serverapp.strategy.FedAvg`: sampling, configuration, federated
     evaluation and metric aggregation are FedAvg's; only ``aggregate_train`` differs. It turns every
     valid client's ArrayRecord into a model built by ``model_fn``, fuses the models on the server's
-    calibration set (weighted by ``num-examples``, or per class by opt-in label counts) and returns
-    an ArrayRecord with the keys, shapes and dtypes of the global model the clients trained from.
+    calibration set (each client weighted per class by what the server measures of it there; claimed
+    example or label counts only when asked, ``parent_weights``) and returns an ArrayRecord with the
+    keys, shapes and dtypes of the global model the clients trained from.
     Works one-shot (``num_rounds=1``) and over many rounds (fusion every round).
 
     The calibration set stays on the server: it is never put in a message. Clients send what FedAvg
@@ -71,10 +77,15 @@ class FedFuse(FedAvg):
     levels : Sequence[LevelSpec | str], optional (default: None)
         The model's levels, declared (`fedfuse.fusion.declared`), for a model that cannot be traced;
         passed to every fusion. None: the model's own ``fusion_levels()``, else tracing.
+    parent_weights : str (default: "calibration")
+        How the fusion weights the clients. ``"calibration"``: per class, by what the server measures of
+        each client's model on its own calibration set (`fedfuse.fusion.weights`): nothing the clients
+        claim counts. ``"num-examples"``: by the claimed ``weighted_by_key``. ``"label-counts"``: per class
+        by the claimed label counts under ``label_counts_key``, when every client sends them alike, else by
+        ``weighted_by_key``.
     label_counts_key : str (default: "label-counts")
         The opt-in MetricRecord key under which clients may report per-class example counts (a list
-        of length num_classes). Used, to weight the output layer per class, only when every fused
-        client reports them; otherwise parents are weighted by ``weighted_by_key``.
+        of length num_classes), read with ``parent_weights="label-counts"``.
     fusion_timeout : float or None (default: 3600)
         Seconds one fusion may take. A fusion still running then is abandoned (it finishes in a
         background thread and its result is dropped) and the round keeps the previous global model.
@@ -82,8 +93,9 @@ class FedFuse(FedAvg):
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
     weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn,
     evaluate_metrics_aggr_fn
-        As in `FedAvg`. ``weighted_by_key`` ("num-examples") gives the parents' weights;
-        ``min_train_nodes`` is also the fewest valid replies a round fuses.
+        As in `FedAvg`. ``weighted_by_key`` ("num-examples") weights the clients' metrics (and the
+        parents, with ``parent_weights="num-examples"``); ``min_train_nodes`` is also the fewest valid
+        replies a round fuses.
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
@@ -94,6 +106,7 @@ class FedFuse(FedAvg):
         fusion_config: FusionConfig | None = None,
         *,
         levels: Sequence[LevelSpec | str] | None = None,
+        parent_weights: str = "calibration",
         label_counts_key: str = "label-counts",
         fusion_timeout: float | None = 3600.0,
         fraction_train: float = 1.0,
@@ -116,6 +129,11 @@ class FedFuse(FedAvg):
             )
         if fusion_config is not None and not isinstance(fusion_config, FusionConfig):
             raise TypeError(f"fusion_config must be a FusionConfig, got {type(fusion_config).__name__}")
+        if parent_weights not in PARENT_WEIGHTS:
+            raise ValueError(
+                f"parent_weights must be one of {', '.join(map(repr, PARENT_WEIGHTS))}, "
+                f"got {parent_weights!r}"
+            )
         if fusion_timeout is not None and not fusion_timeout > 0:
             raise ValueError(
                 f"fusion_timeout must be a positive number of seconds or None, got {fusion_timeout}"
@@ -136,6 +154,7 @@ class FedFuse(FedAvg):
         self.calibration = calibration
         self.fusion_config = fusion_config if fusion_config is not None else FusionConfig()
         self.levels = None if levels is None else list(levels)
+        self.parent_weights = parent_weights
         self.label_counts_key = label_counts_key
         self.fusion_timeout = fusion_timeout
         self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
@@ -143,6 +162,7 @@ class FedFuse(FedAvg):
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None
         self._global: ArrayRecord | None = None
+        self._rounds: int | None = None  # set while start() runs
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -173,13 +193,27 @@ class FedFuse(FedAvg):
             config.kmeans_n_init,
             config.kmeans_max_iter,
         )
-        log(INFO, "\t│\t├── Label counts key (opt-in): '%s'", self.label_counts_key)
+        log(
+            INFO,
+            "\t│\t├── Parent weights: %s%s",
+            self.parent_weights,
+            f" (key '{self.label_counts_key}')" if self.parent_weights == "label-counts" else "",
+        )
         log(
             INFO,
             "\t│\t└── Fusion timeout: %s",
             "none" if self.fusion_timeout is None else f"{self.fusion_timeout:g} s",
         )
         super().summary()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
+        """Run the rounds as `FedAvg.start` does, knowing how many there are: the fused model of every
+        round but the last is one the clients train further, so it is kept no sharper than theirs."""
+        self._rounds = num_rounds
+        try:
+            return super().start(grid, initial_arrays, num_rounds, **kwargs)
+        finally:
+            self._rounds = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -247,7 +281,7 @@ class FedFuse(FedAvg):
 
         started = time.perf_counter()
         try:
-            result = self._fuse(valid)
+            result = self._fuse(valid, server_round)
             arrays = _to_arrayrecord(result.model, reference)
         except Exception as error:  # pylint: disable=broad-except
             log(
@@ -263,6 +297,15 @@ class FedFuse(FedAvg):
         metrics["fusion-failed"] = 0
         metrics["fusion-seconds"] = time.perf_counter() - started
         metrics["fusion-mean-fit-r2"] = result.report.mean_fit_r2
+        metrics["fusion-max-norm-ratio"] = max(
+            (
+                level.weight_norm / level.parent_weight_norm
+                for level in result.report.levels
+                if level.weight_norm is not None and level.parent_weight_norm
+            ),
+            default=1.0,
+        )
+        metrics["fusion-ridge"] = result.report.config["ridge"]
         log(
             INFO,
             "aggregate_train: fused %d clients in %.2f s, mean fit R2 %.4f",
@@ -295,27 +338,34 @@ class FedFuse(FedAvg):
         metrics.pop(self.label_counts_key, None)
         return metrics
 
-    def _fuse(self, valid: list[TrainReply]) -> FusionResult:
-        """Build one model per client and fuse them, within ``fusion_timeout``."""
+    def _fuse(self, valid: list[TrainReply], server_round: int) -> FusionResult:
+        """Build one model per client and fuse them, within ``fusion_timeout``. In a `start` run, a round
+        before the last fuses with ``sharpness_limit="parents"`` (its clients train from the result)."""
         parents = []
         for reply in valid:
             model = self.model_fn()
             model.load_state_dict({key: torch.from_numpy(array) for key, array in reply.arrays.items()})
             parents.append(model)
         weights = self._weights(valid)
+        config = self.fusion_config
+        if self._rounds is not None and server_round < self._rounds:
+            config = replace(config, sharpness_limit="parents")
 
         def fusion() -> FusionResult:
-            return fuse(
-                parents, self.calibration, config=self.fusion_config, weights=weights, levels=self.levels
-            )
+            return fuse(parents, self.calibration, config=config, weights=weights, levels=self.levels)
 
         if self.fusion_timeout is None:
             return fusion()
         return _call_with_timeout(fusion, self.fusion_timeout)
 
-    def _weights(self, valid: list[TrainReply]) -> list[float] | np.ndarray:
-        """Per-class label counts ``[K, C]`` when every client sent them alike, else ``num-examples``."""
+    def _weights(self, valid: list[TrainReply]) -> list[float] | np.ndarray | None:
+        """None (the engine measures the parents on the calibration set), or the claimed counts: per-class
+        label counts ``[K, C]`` when every client sent them alike, else ``num-examples``."""
+        if self.parent_weights == "calibration":
+            return None
         counts = [reply.label_counts for reply in valid]
+        if self.parent_weights == "num-examples":
+            return [reply.num_examples for reply in valid]
         if all(c is None for c in counts):
             return [reply.num_examples for reply in valid]
         if any(c is None for c in counts) or len({len(c) for c in counts}) != 1:

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m simulations.one_shot",
         description="One-shot federated learning on non-IID data: K clients train once through Flower's "
         "simulation runtime; their models are merged by FedFuse and by FedAvg, and compared with each "
-        "client alone, the clients' ensemble and, optionally, multi-round FedAvg and central training.",
+        "client alone, the clients' ensembles and, optionally, multi-round FedAvg and central training.",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, default=DEFAULTS.dataset, help="default: digits")
@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument(
         "--fusion-weights",
         choices=FUSION_WEIGHTS,
-        default="labels",
-        help="what FedFuse weights clients by: per-class label counts (default) or example counts",
+        default="calibration",
+        help="what FedFuse weights clients by: what the server measures on its calibration set "
+        "(default: nothing disclosed), their per-class label counts, or their example counts",
     )
     methods.add_argument(
         "--fedavg-rounds",

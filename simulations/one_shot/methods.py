@@ -1,9 +1,12 @@
 """Every method of the comparison, scored on one setting's evaluation set from the same client models.
 
 Rows, in order: each client alone, the best and the mean client, one-shot FedAvg (Flower's
-example-weighted average), FedFuse for every variant and importance method asked for, the logit
-ensemble of the clients (a reference: K models at inference), and optionally FedAvg over R rounds
-with the same total local epochs and central training on the pooled client data (the ceiling).
+example-weighted average), FedFuse for every variant and importance method asked for, the clients'
+ensembles (K models at inference: logits or softmax averaged uniformly, or per class with the weights
+FedFuse measures on the calibration set, and stacked on the calibration labels;
+`simulations.baselines.ENSEMBLES`), the best of them (the fair bar: none has more information than
+FedFuse), and optionally FedAvg over R rounds with the same total local epochs and central training on
+the pooled client data (the ceiling).
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ import numpy as np
 from torch import nn
 
 from fedfuse import FusionConfig, describe_levels, fuse
-from simulations.baselines import ensemble_logits
+from simulations.baselines import ensemble_predictions
 from simulations.federation import FederatedSplit, model_builder
 from simulations.one_shot.flower_training import FlowerTraining
 from simulations.one_shot.setting import Setting
 from simulations.training import classification_scores, evaluate, train
 
-#: What FedFuse weights the parents by: per-class label counts (`fuse`'s [K, C] weights: a client's
-#: logit for class c counts in proportion to its examples of c) or example counts ([K]).
-FUSION_WEIGHTS = ("labels", "examples")
+#: What FedFuse weights the parents by: what the server measures on its calibration set (the default:
+#: nothing disclosed), the clients' per-class label counts ([K, C]) or their example counts ([K]).
+FUSION_WEIGHTS = ("calibration", "labels", "examples")
 #: The scores of a `Row`, as `simulations.training.classification_scores` names them.
 SCORES = ("accuracy", "macro_f1", "loss")
 _CHECK_EXAMPLES = 8  # calibration examples `check_fusable` traces the model on
@@ -43,7 +46,7 @@ class MethodOptions:
 
     variants: tuple[str, ...]
     importances: tuple[str, ...]
-    fusion_weights: str = "labels"
+    fusion_weights: str = "calibration"
     central: bool = True
 
     def __post_init__(self) -> None:
@@ -119,7 +122,11 @@ def compare(
     rows += [replace(best, method="best client", client=None), Row("mean client", **mean)]
     rows.append(score("fedavg one-shot", trained.fedavg_one_shot, fusion_seconds=trained.fedavg_seconds))
 
-    weights = label_counts if options.fusion_weights == "labels" else label_counts.sum(axis=1)
+    weights = {
+        "calibration": None,
+        "labels": label_counts,
+        "examples": label_counts.sum(axis=1),
+    }[options.fusion_weights]
     reports = {}
     for variant in options.variants:
         for importance in options.importances:
@@ -133,8 +140,13 @@ def compare(
             rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
             reports[method] = result.report.to_dict()
 
-    ensemble = classification_scores(ensemble_logits(trained.client_models, evaluation.x), evaluation.y)
-    rows.append(Row("ensemble", **_scores(ensemble)))
+    ensembles = [
+        Row(name, **_scores(classification_scores(logits, evaluation.y)))
+        for name, logits in ensemble_predictions(
+            trained.client_models, (calibration.x, calibration.y), evaluation.x
+        ).items()
+    ]
+    rows += ensembles + [replace(max(ensembles, key=lambda row: row.accuracy), method="best ensemble")]
     if trained.fedavg_rounds is not None:
         rows.append(score(f"fedavg {setting.fedavg_rounds} rounds", trained.fedavg_rounds))
     if options.central:

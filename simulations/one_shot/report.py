@@ -13,8 +13,8 @@ from simulations.one_shot.summary import SummaryRow
 from simulations.one_shot.sweep import SettingResult
 
 LEGEND = (
-    "fusion s: seconds to merge the client models into one; ensemble: all K client models at inference "
-    "(K times the cost), a reference"
+    "fusion s: seconds to merge the client models into one; ensembles: all K client models at inference "
+    "(K times the cost), class-weighted and stacked ones measured on the calibration set like FedFuse"
 )
 
 
@@ -103,7 +103,11 @@ def _values(values: object) -> str:
 
 
 def _weights_words(fusion_weights: str) -> str:
-    return {"labels": "their per-class label counts", "examples": "their example counts"}[fusion_weights]
+    return {
+        "calibration": "what the server measures on its calibration set (nothing disclosed)",
+        "labels": "their per-class label counts",
+        "examples": "their example counts",
+    }[fusion_weights]
 
 
 def _seconds(seconds: float | None) -> str:

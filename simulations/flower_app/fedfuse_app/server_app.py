@@ -83,6 +83,7 @@ def build_strategy(
         calibration=calibration,
         fusion_config=settings.fusion_config(),
         fusion_timeout=settings.fusion_timeout,
+        parent_weights="label-counts" if settings.send_label_counts else "calibration",
         **common,
     )
 

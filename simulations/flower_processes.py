@@ -1,6 +1,7 @@
-"""Starting and stopping real Flower processes (SuperLink, SuperNodes, ``flwr run``) in end-to-end tests.
+"""Starting and stopping real Flower processes (SuperLink, SuperNodes, ``flwr run``) for end-to-end tests
+and benchmarks.
 
-Every process is started here, by this test run, in a temporary ``FLWR_HOME``, with output to a log
+Every process is started here, by this run, in a temporary ``FLWR_HOME``, with output to a log
 file and on free loopback ports; `Processes.stop` ends each one by its PID, and the processes it
 spawned (SuperExec, ServerApp, ClientApps, Ray) by theirs, found through /proc. Flower detaches some
 of those into sessions of their own, so a process-group kill would miss them.
@@ -16,10 +17,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-APP_DIR = Path(__file__).resolve().parents[1] / "simulations" / "flower_app"
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
 QUICKSTART_DIR = APP_DIR.parent / "quickstart_app"
 
 
@@ -90,6 +92,30 @@ class Processes:
         for path in sorted(self.log_dir.glob("*.log")):
             tails.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-3000:]}")
         return "\n".join(tails)
+
+
+@contextlib.contextmanager
+def simulation_superlink(home: Path) -> Iterator[dict[str, str]]:
+    """A simulation SuperLink on a free port, as `flwr run` would start one, but started (and stopped, with
+    everything it spawned) here; yields the environment in which `flwr_run` uses it."""
+    port = free_port()
+    env = flower_env(home, local_superlink_port=port)
+    processes = Processes(home)
+    superlink = processes.start(
+        "superlink",
+        [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+        ],
+        env,
+        cwd=home,
+    )  # fmt: skip
+    try:
+        # Healthy before `flwr run` probes the port; else it would start a SuperLink of its own.
+        wait_until_healthy(port, superlink)
+        yield env
+    finally:
+        processes.stop()
 
 
 def wait_until_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:

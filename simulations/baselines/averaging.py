@@ -1,13 +1,10 @@
-"""The baselines FedFuse is compared with: weight averaging (one-shot FedAvg) and the logit ensemble."""
+"""Weight averaging: one-shot FedAvg's aggregation, entry by entry."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
-
-from simulations.training import predict
 
 
 def average_state_dicts(
@@ -55,14 +52,3 @@ def average_state_dicts(
         mean = sum(wk * state[key].detach().cpu().double() for wk, state in zip(w, state_dicts))
         averaged[key] = (mean if reference.is_floating_point() else mean.round()).to(reference.dtype)
     return averaged
-
-
-def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The mean of the K models' logits, float32 [N, num_classes]: the ensemble that fusion compresses.
-
-    It needs all K models at inference (K times the cost of one), which is why it is an upper
-    reference for one-shot fusion rather than a competitor.
-    """
-    if not models:
-        raise ValueError("ensemble_logits needs at least one model")
-    return torch.stack([predict(model, x, batch_size) for model in models]).mean(dim=0)
