@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedfuse import FusionConfig, FusionReport, fuse
-from fedfuse.fusion.clustering import _embedding
 
 
 def cnn_bn() -> nn.Sequential:
@@ -112,20 +111,6 @@ def test_per_class_weights_take_each_class_from_the_parents_that_hold_it() -> No
         out, first, second = fused(calibration), parents[0](calibration), parents[1](calibration)
     assert torch.allclose(out[:, :2], first[:, :2], atol=1e-4)
     assert torch.allclose(out[:, 2:], second[:, 2:], atol=1e-4)
-
-
-def test_kmeans_on_the_gram_embedding_equals_kmeans_on_the_raw_neuron_vectors() -> None:
-    """The embedding keeps every pairwise distance, so k-means finds the same groups as on the vectors."""
-    generator = torch.Generator().manual_seed(0)
-    z = torch.randn(500, 30, dtype=torch.float64, generator=generator)
-    points = _embedding(z.T @ z)
-    exact = "donot_use_mm_for_euclid_dist"
-    distances = torch.cdist(torch.as_tensor(points), torch.as_tensor(points), compute_mode=exact)
-    assert torch.allclose(distances, torch.cdist(z.T, z.T, compute_mode=exact), atol=1e-8)
-    weights = np.linspace(0.5, 2.0, 30)
-    raw = KMeans(8, n_init=3, random_state=0).fit(z.T.numpy(), sample_weight=weights)
-    embedded = KMeans(8, n_init=3, random_state=0).fit(points, sample_weight=weights)
-    assert embedded.inertia_ == pytest.approx(raw.inertia_, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -2,11 +2,11 @@
 
 The objective (weights s_j, assignment a(j), group targets T_k = importance-weighted member means) is the
 importance-weighted k-means cost Σ_j s_j‖z_j − T_a(j)‖², where z_j is neuron j's vector of values over
-all calibration rows. Those vectors can be very long for a convolution (samples × positions), so grouping
-works from their Gram matrix G = ZᵀZ alone, accumulated batch by batch: an eigendecomposition G = UΛUᵀ
-gives points E = U·Λ^½ with exactly the neurons' pairwise distances (‖e_i − e_j‖ = ‖z_i − z_j‖), on which
-scikit-learn's weighted k-means runs. Nothing is approximated beyond float64 round-off; the price is an
-eigendecomposition of a (K·n)² matrix, O((K·n)³), small next to the passes over the data.
+all calibration rows. Grouping works on points with the same pairwise distances in few dimensions
+(`fedfuse.fusion.embedding`), so its cost is linear in K: k-means starts from the reference parent's
+neurons (one Lloyd run of O(K·n · n · r) per iteration; the k-means++ restarts it replaced cost
+O(K·n · n · r · log n) each and did not lower the objective, docs/benchmarks.md), and Hungarian matching
+costs O(n³) for two parents.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 
@@ -27,8 +25,8 @@ class Grouping:
     Attributes:
         shares: ``[K·n, groups]`` float64: column k holds the weights s_j / S_k of group k's members
             (zero elsewhere), so the group targets are T = Z·shares.
-        cost: the importance-weighted share of the neurons' variance that merging loses (see
-            `LevelReport.grouping_cost`); 0 when every group's members agree.
+        cost: the importance-weighted share of the neurons' variance that merging loses, measured on
+            the points (exact but for a sketch); see `LevelReport.grouping_cost`.
     """
 
     shares: Tensor
@@ -36,26 +34,38 @@ class Grouping:
 
 
 def group_neurons(
-    method: str, gram: Tensor, variances: Tensor, scores: Tensor, width: int, groups: int, **kmeans
+    method: str,
+    points: Tensor,
+    variances: Tensor,
+    scores: Tensor,
+    width: int,
+    groups: int,
+    *,
+    init: str = "reference",
+    **kmeans: int,
 ) -> Grouping:
-    """Group neurons by ``"kmeans"`` or ``"hungarian"``; groups come out aligned with parent 0's neurons.
+    """Group neurons by ``"kmeans"`` or ``"hungarian"``; groups come out aligned with the reference
+    parent's neurons (the first ``width`` points).
 
     Args:
-        gram: ``[m, m]`` Gram matrix ZᵀZ of the m = K·n parent neurons, parent by parent.
-        variances: ``[m]`` each neuron's spread around its own mean, in the units of ``gram`` (the cost's
-            denominator).
+        points: ``[m, r]`` one point per parent neuron (m = K·n, parent by parent), with the neurons'
+            pairwise distances (`fedfuse.fusion.embedding.NeuronEmbedding.points`).
+        variances: ``[m]`` each neuron's spread around its own mean, in the units of the squared
+            distances (the cost's denominator).
         scores: ``[m]`` positive importance weights s_j.
         width: neurons per parent, n.
         groups: fused neurons.
-        kmeans: ``seed``, ``n_init``, ``max_iter`` for k-means.
+        init: how k-means starts: ``"reference"``, from the reference parent's neurons (when there are
+            as many groups as it has neurons; k-means++ otherwise), or ``"k-means++"`` restarts.
+        kmeans: ``seed``, ``n_init`` (k-means++ restarts), ``max_iter`` for k-means.
     """
     if method == "hungarian":
-        assignment = _hungarian(gram, scores, groups)
+        assignment = _hungarian(points, scores, groups)
     else:
-        assignment = _kmeans(gram, scores, groups, **kmeans)
+        assignment = _kmeans(points, scores, width, groups, init=init, **kmeans)
     shares = _shares(assignment, scores, groups)
-    shares = shares[:, _order_like_parent_zero(gram, shares, width)]
-    return Grouping(shares, grouping_cost(gram, variances, scores, shares))
+    shares = shares[:, _order_like_reference(points, shares, width)]
+    return Grouping(shares, grouping_cost(points, variances, scores, shares))
 
 
 def shares_by_index(class_weights: Tensor) -> Tensor:
@@ -67,22 +77,28 @@ def shares_by_index(class_weights: Tensor) -> Tensor:
     return shares
 
 
-def _embedding(gram: Tensor) -> np.ndarray:
-    """Points with the neurons' pairwise distances; one coordinate of zeros when every neuron is zero (all
-    dead, say): then every grouping costs the same."""
-    values, vectors = torch.linalg.eigh(gram)
-    keep = values > values.max().clamp_min(0) * gram.shape[0] * torch.finfo(torch.float64).eps
-    if not bool(keep.any()):
-        return np.zeros((gram.shape[0], 1))
-    return (vectors[:, keep] * values[keep].sqrt()).numpy()
+def _kmeans(
+    points: Tensor,
+    scores: Tensor,
+    width: int,
+    groups: int,
+    *,
+    init: str,
+    seed: int,
+    n_init: int,
+    max_iter: int,
+) -> Tensor:
+    from sklearn.cluster import KMeans  # imported on first use: `import fedfuse` stays light
 
-
-def _kmeans(gram: Tensor, scores: Tensor, groups: int, *, seed: int, n_init: int, max_iter: int) -> Tensor:
-    points = _embedding(gram)
-    weights = scores.numpy()
-    kmeans = KMeans(n_clusters=groups, n_init=n_init, max_iter=max_iter, random_state=seed)
-    labels = kmeans.fit(points, sample_weight=weights).labels_
-    return torch.as_tensor(_fill_empty_groups(points, weights, labels, groups))
+    data, weights = points.numpy(), scores.numpy()
+    if init == "reference" and groups == width:
+        start: np.ndarray | str = data[:width]
+        n_init = 1
+    else:
+        start = "k-means++"
+    kmeans = KMeans(n_clusters=groups, init=start, n_init=n_init, max_iter=max_iter, random_state=seed)
+    labels = kmeans.fit(data, sample_weight=weights).labels_
+    return torch.as_tensor(_fill_empty_groups(data, weights, labels, groups))
 
 
 def _fill_empty_groups(
@@ -108,16 +124,17 @@ def _fill_empty_groups(
     return labels
 
 
-def _hungarian(gram: Tensor, scores: Tensor, groups: int) -> Tensor:
+def _hungarian(points: Tensor, scores: Tensor, groups: int) -> Tensor:
     """Pair each neuron of parent 0 with one of parent 1, at least total merging cost
     s_i·s_j/(s_i + s_j)·‖z_i − z_j‖² (the weighted k-means cost of the pair)."""
-    n = gram.shape[0] // 2
+    from scipy.optimize import linear_sum_assignment
+
+    n = points.shape[0] // 2
     if n != groups:
         raise ValueError(
             f"hungarian matching pairs the two parents' {n} neurons one to one; {groups} groups asked"
         )
-    diag = gram.diagonal()
-    distance = diag[:n, None] + diag[None, n:] - 2 * gram[:n, n:]
+    distance = _squared_distances(points[:n], points[n:])
     s0, s1 = scores[:n, None], scores[None, n:]
     rows, cols = linear_sum_assignment((s0 * s1 / (s0 + s1) * distance).numpy())
     assignment = torch.empty(2 * n, dtype=torch.long)
@@ -132,23 +149,28 @@ def _shares(assignment: Tensor, scores: Tensor, groups: int) -> Tensor:
     return shares / shares.sum(0, keepdim=True)
 
 
-def _order_like_parent_zero(gram: Tensor, shares: Tensor, width: int) -> Tensor:
-    """A permutation of the groups that puts at position i the group whose target is closest to parent
-    0's neuron i, so the fused level lines up with parent 0 (a warm start and a readable model); groups
-    beyond parent 0's width keep their order after those."""
-    target_norms = (shares * (gram @ shares)).sum(0)
-    distance = target_norms[None, :] - 2 * gram[:width] @ shares + gram.diagonal()[:width, None]
-    _, matched = linear_sum_assignment(distance.numpy())
+def _order_like_reference(points: Tensor, shares: Tensor, width: int) -> Tensor:
+    """A permutation of the groups that puts at position i the group whose target is closest to the
+    reference parent's neuron i, so the fused level lines up with it (a warm start and a readable
+    model); groups beyond its width keep their order after those."""
+    from scipy.optimize import linear_sum_assignment
+
+    _, matched = linear_sum_assignment(_squared_distances(points[:width], shares.T @ points).numpy())
     rest = np.setdiff1d(np.arange(shares.shape[1]), matched)
     return torch.as_tensor(np.concatenate([matched, rest]))
 
 
-def grouping_cost(gram: Tensor, variances: Tensor, scores: Tensor, shares: Tensor) -> float:
-    """Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖², from the Gram matrix, for any shares matrix
-    (a neuron with share 0 in every group counts as no group's member)."""
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``[len(a), len(b)]`` squared Euclidean distances, never below zero."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_min(0)
+
+
+def grouping_cost(points: Tensor, variances: Tensor, scores: Tensor, shares: Tensor) -> float:
+    """Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖², from the points, for any shares matrix (a neuron
+    with share 0 in every group counts as no group's member)."""
     members = shares > 0
-    target_norms = (shares * (gram @ shares)).sum(0)
-    distance = gram.diagonal()[:, None] - 2 * gram @ shares + target_norms[None, :]
-    lost = (scores[:, None] * distance * members).sum()
+    targets = shares.T @ points  # [groups, r]
+    assignment = shares.argmax(dim=1)
+    lost = (scores * ((points - targets[assignment]) ** 2).sum(1) * members.any(dim=1)).sum()
     variance = (scores * variances).sum()
     return float(lost.clamp_min(0) / variance) if variance > 0 else 0.0

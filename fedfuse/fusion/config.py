@@ -14,6 +14,7 @@ OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
 PRIORS = ("parents", "zero")
 SHARPNESS_LIMITS = ("none", "parents")
 GROUPINGS = ("kmeans", "hungarian")
+KMEANS_INITS = ("reference", "k-means++")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
 
 
@@ -56,8 +57,14 @@ class FusionConfig:
         batch_size: calibration samples per forward pass when the calibration set is a tensor or
             an ``(inputs, labels)`` pair (a DataLoader keeps its own batches). Bounds peak memory.
         seed: seeds k-means; the same seed gives the same fused weights, bit for bit, on CPU.
-        kmeans_n_init: k-means restarts; the run with the lowest weighted cost is kept.
+        kmeans_init: how k-means starts: ``"reference"``, from the reference parent's neurons (one run;
+            k-means++ when the fused width differs from the parents'); ``"k-means++"``: seeded
+            k-means++ restarts (``kmeans_n_init`` of them). Measured in docs/benchmarks.md.
+        kmeans_n_init: k-means++ restarts; the run with the lowest weighted cost is kept.
         kmeans_max_iter: Lloyd iterations per restart.
+        grouping_dims: the most dimensions of the points grouping works on (`fedfuse.fusion.embedding`):
+            exact while the calibration rows, or the K·n parent neurons, number at most this; above
+            it, a seeded sketch whose squared distances have a relative error of about √(2/dims).
         conductance_steps: integration steps of conductance (the paper uses 10).
         progress: show a progress bar over levels.
         width_multiplier: fused hidden levels get round(multiplier · width) neurons (k-means makes any
@@ -99,8 +106,10 @@ class FusionConfig:
     output_target: str = "labels"
     batch_size: int = 256
     seed: int = 0
+    kmeans_init: str = "reference"
     kmeans_n_init: int = 3
     kmeans_max_iter: int = 300
+    grouping_dims: int = 1024
     conductance_steps: int = 10
     progress: bool = False
     width_multiplier: float = 1.0
@@ -119,6 +128,7 @@ class FusionConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("level_init", self.level_init, LEVEL_INITS)
         _check_choice("grouping", self.grouping, GROUPINGS)
+        _check_choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
         _check_choice("importance", self.importance, IMPORTANCES)
         _check_choice("prior", self.prior, PRIORS)
         _check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
@@ -132,6 +142,7 @@ class FusionConfig:
             "batch_size",
             "kmeans_n_init",
             "kmeans_max_iter",
+            "grouping_dims",
             "conductance_steps",
             "epochs",
             "patience",

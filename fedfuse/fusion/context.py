@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.fusion.calibration import Batch, CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.levels import Level, LevelPlan
 from fedfuse.fusion.reading import Reader
 from fedfuse.fusion.targets import SpaceGrouping
 from fedfuse.fusion.weights import ParentWeights
+
+#: The most values (samples × positions × neurons, over all parents) one chunk of a level's pass holds:
+#: 2²² float64 values are 32 MiB, whatever K and the batch size (`FusionContext.chunks`).
+CHUNK_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,23 @@ class FusionContext:
     def fused_level(self, level: Level) -> Level:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""
         return next(other for other in self.fused_plan.levels if other.name == level.name)
+
+    def chunks(self, places: Sequence[str]) -> Iterator[Batch]:
+        """The calibration batches, split so that every parent's values at ``places`` on one chunk number at
+        most `CHUNK_VALUES` (a convolution has a value per position): a level's pass then holds
+        O(CHUNK_VALUES) values at a time, whatever K and the batch size."""
+        example = self.calibration.example(self.device, self.dtype, size=1)
+        with torch.no_grad():
+            per_sample = sum(
+                value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
+            )
+        samples = max(1, CHUNK_VALUES // max(1, per_sample * len(self.parents)))
+        for inputs, labels in self.calibration.batches(self.device, self.dtype):
+            for start in range(0, len(inputs), samples):
+                yield (
+                    inputs[start : start + samples],
+                    None if labels is None else labels[start : start + samples],
+                )
 
     def groups(self, space: str) -> int:
         """The fused neurons of a space."""

@@ -45,10 +45,10 @@ class LevelFit:
 
 
 def solve_level(
-    stats: LevelStatistics, shares: Tensor, ridge: float, with_bias: bool, prior: Tensor | None = None
+    stats: LevelStatistics, ridge: float, with_bias: bool, prior: Tensor | None = None
 ) -> LevelFit:
-    """Solve min_W ‖X·W − T‖² + λ‖W − W₀‖² (bias unpenalised) for T = Z·shares + U, from accumulated
-    statistics; W₀ is ``prior`` (``[d (+1), g]``, the layout of the solution), or zero.
+    """Solve min_W ‖X·W − T‖² + λ‖W − W₀‖² (bias unpenalised) from accumulated statistics; W₀ is
+    ``prior`` (``[d (+1), g]``, the layout of the solution), or zero.
 
     λ is ``ridge`` times the mean diagonal of XᵀX, so it does not depend on the inputs' overall scale. It is
     the same for every input: an input the calibration set barely excites gets no larger weight than the
@@ -56,11 +56,7 @@ def solve_level(
     weights, which made fused models far sharper than their parents). With ``ridge == 0`` the least-squares
     solution nearest the prior is taken (with no prior, the paper's pseudo-inverse).
     """
-    if with_bias:
-        xtx, xtz, xtu = stats.with_bias()
-    else:
-        xtx, xtz, xtu = stats.xtx, stats.xtz, stats.xtu
-    xtt = xtz @ shares + xtu
+    xtx, xtt = stats.with_bias() if with_bias else (stats.xtx, stats.xtt)
     fan_in = stats.xtx.shape[0]
     penalty = ridge * stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     right = xtt.clone()
@@ -76,14 +72,10 @@ def solve_level(
     else:
         solution = _min_norm(xtx, xtt)
     weight = solution[:fan_in]
-    bias = solution[fan_in] if with_bias else torch.zeros(shares.shape[1], dtype=torch.float64)
+    bias = solution[fan_in] if with_bias else torch.zeros_like(stats.t_sum)
 
     rows = stats.rows
-    assert stats.z.gram is not None and stats.z.sums is not None
-    target_energy = (
-        (shares * (stats.z.gram @ shares)).sum(0) + 2 * (shares * stats.ztu).sum(0) + stats.u_squares
-    )
-    target_mean = (stats.z.sums @ shares + stats.u_sum) / rows
+    target_energy, target_mean = stats.t_squares, stats.t_sum / rows
     output_energy = (solution * (xtx @ solution)).sum(0)
     residual = (target_energy - 2 * (solution * xtt).sum(0) + output_energy).sum().clamp_min(0)
     spread = (target_energy - rows * target_mean**2).sum()

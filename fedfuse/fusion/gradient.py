@@ -26,8 +26,14 @@ from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.statistics import NeuronGram, layer_inputs, rows_of
-from fedfuse.fusion.targets import SpaceGrouping, class_targets, group_space, measure_points, output_target
+from fedfuse.fusion.statistics import layer_inputs, rows_of
+from fedfuse.fusion.targets import (
+    SpaceGrouping,
+    class_targets,
+    group_space,
+    measure_points,
+    output_target,
+)
 
 
 def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelReport:
@@ -38,15 +44,15 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     grouping = context.groupings.get(space.name)
     method = "stream" if grouping is not None else None
     if grouping is None:
-        grams = [] if space.fixed else measure_points(space, context)
+        embeddings = measure_points(space, context)
         seconds["statistics"] = time.perf_counter() - clock
-        grouping = context.groupings[space.name] = group_space(space, grams, context)
+        grouping = context.groupings[space.name] = group_space(space, embeddings, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
 
     clock = time.perf_counter()
     fused_level = context.fused_level(level)
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
-    inputs, targets, gram = _cache(level, grouping, context, direct)
+    inputs, targets = _cache(level, grouping, context, direct)
     body = context.fused_reader.body(context.fused, fused_level)
     parameters = [context.fused.get_parameter(name) for name in fused_level.parameters]
     owners = _owners(context.fused, fused_level)
@@ -66,9 +72,9 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
         kind=level.kind,
         neurons=fused_level.width,
         fan_in=_fan_in(context.fused, fused_level, inputs),
-        rows=gram.rows,
+        rows=targets.numel() // fused_level.width,
         grouping=method or grouping.method,
-        grouping_cost=grouping.cost(gram),
+        grouping_cost=grouping.costs[level.target],
         fit_r2=_r2(body, inputs, targets, level.axis, config.batch_size),
         seconds=seconds,
         space=level.space,
@@ -80,13 +86,12 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
 
 def _cache(
     level: Level, grouping: SpaceGrouping, context: FusionContext, direct: str | None
-) -> tuple[Tensor, Tensor, NeuronGram]:
+) -> tuple[Tensor, Tensor]:
     """The fused model's inputs to the level and its targets (group targets, or the classes' own target
     when ``direct`` names one, `class_targets`; minus the fused residual terms), for every calibration
-    sample; and the parents' Gram matrix at the level's target."""
+    sample."""
     shares = grouping.shares.to(context.device, context.dtype)
     inputs, targets = [], []
-    gram = NeuronGram()
     places = [level.input, *level.residual]
     with torch.no_grad():
         for batch, labels in context.calibration.batches(context.device, context.dtype):
@@ -97,7 +102,6 @@ def _cache(
             ]
             stacked = torch.cat([out.movedim(level.axis, -1) for out in outputs], dim=-1)
             rows = stacked.reshape(-1, stacked.shape[-1])
-            gram.add(rows)
             if direct is not None:
                 own = class_targets(direct, rows, labels, grouping, len(outputs))
                 assert own is not None
@@ -105,7 +109,7 @@ def _cache(
             else:
                 target = (stacked @ shares).movedim(-1, level.axis)
             targets.append(target - torch.stack(terms).sum(0) if terms else target)
-    return torch.cat(inputs), torch.cat(targets), gram
+    return torch.cat(inputs), torch.cat(targets)
 
 
 def _start_from_prior(

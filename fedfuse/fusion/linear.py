@@ -8,15 +8,21 @@ import time
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import solve_level, write_level
-from fedfuse.fusion.levels import Level, Point
+from fedfuse.fusion.levels import Level
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.statistics import LevelStatistics, layer_inputs, rows_of
-from fedfuse.fusion.targets import SpaceGrouping, class_targets, group_space, measure_points, output_target
+from fedfuse.fusion.statistics import LevelStatistics, layer_fan_in, layer_inputs, rows_of
+from fedfuse.fusion.targets import (
+    SpaceGrouping,
+    class_targets,
+    group_space,
+    measure_points,
+    output_target,
+)
 
 
 def fit_linear(level: Level, context: FusionContext) -> LevelReport:
@@ -30,30 +36,25 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     space = context.plan.spaces[level.space]
     grouping = context.groupings.get(space.name)
     method = "stream" if grouping is not None else None
-    if grouping is None and space.fixed:
-        grouping = context.groupings[space.name] = group_space(space, [], context)
-        seconds["importance"] = grouping.importance_seconds
+    if grouping is None:
+        clock = time.perf_counter()
+        embeddings = measure_points(space, context)
+        seconds["statistics"] = time.perf_counter() - clock
+        grouping = context.groupings[space.name] = group_space(space, embeddings, context)
+        seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
     # Label and log-probability targets of the classes are no linear mix of the parents' logits: they are
-    # computed per batch, and the shares that mix the logits are then 0.
+    # computed per batch (`class_targets`).
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
 
     clock = time.perf_counter()
-    stats = _statistics(level, layer, context, grouping if direct else None, direct)
-    seconds["statistics"] = time.perf_counter() - clock
-    if grouping is None:
-        clock = time.perf_counter()
-        own = space.points == (Point(level.target, level.axis),)
-        grams = [stats.z] if own else measure_points(space, context)
-        seconds["statistics"] += time.perf_counter() - clock
-        grouping = context.groupings[space.name] = group_space(space, grams, context)
-        seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
+    stats = _statistics(level, layer, context, grouping, direct)
+    seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
 
     clock = time.perf_counter()
     with_bias = layer.bias is not None or norm is not None
     parent_maps = [folded_weights(parent, level.layer, level.norm) for parent in context.parents]
     prior = aligned_prior(level, grouping, parent_maps, context, with_bias)
-    shares = grouping.shares.to(context.device)
-    fit = solve_level(stats, torch.zeros_like(shares) if direct else shares, config.ridge, with_bias, prior)
+    fit = solve_level(stats, config.ridge, with_bias, prior)
     if fit.rank < fit.live:
         warnings.warn(
             f"level '{level.name}': the {stats.rows} calibration rows span only {fit.rank} of the {fit.live} "
@@ -75,7 +76,7 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         fan_in=fit.fan_in,
         rows=stats.rows,
         grouping=method or grouping.method,
-        grouping_cost=grouping.cost(stats.z),
+        grouping_cost=grouping.costs[level.target],
         fit_r2=fit.r2,
         seconds=seconds,
         space=level.space,
@@ -87,32 +88,27 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
 
 
 def _statistics(
-    level: Level, layer: nn.Module, context: FusionContext, grouping: SpaceGrouping | None, direct: str | None
+    level: Level, layer: nn.Module, context: FusionContext, grouping: SpaceGrouping, direct: str | None
 ) -> LevelStatistics:
-    """One pass: the fused model's inputs to the level against every parent's values at the level's target,
-    with the targets' offset: minus the fused residual terms, plus the whole target of the classes when it
-    is no mix of the parents' logits (``direct``: `class_targets`)."""
-    stats: LevelStatistics | None = None
+    """One pass: the fused model's inputs to the level against its targets (the group targets, or the
+    classes' own target when ``direct`` names one, `class_targets`; minus the fused residual terms)."""
+    stats = LevelStatistics(layer_fan_in(layer), context.fused_level(level).width, context.device)
+    shares = grouping.shares.to(context.device).split(context.plan.spaces[level.space].width)
     places = [level.input, *level.residual]
     parents = len(context.parents)
     with torch.no_grad():
-        for inputs, labels in context.calibration.batches(context.device, context.dtype):
+        for inputs, labels in context.chunks([*places, level.target]):
             fused_input, *terms = context.fused_reader.read(context.fused, inputs, places)
-            x = layer_inputs(layer, fused_input)
-            z = torch.cat(
-                [
-                    rows_of(context.parent_reader.read(parent, inputs, [level.target])[0], level.axis)
-                    for parent in context.parents
-                ],
-                dim=1,
-            )
-            offset = -rows_of(torch.stack(terms).sum(0), level.axis) if terms else None
-            if direct is not None and grouping is not None:
-                target = class_targets(direct, z, labels, grouping, parents)
-                offset = target if offset is None else target + offset
-            if stats is None:
-                width = context.fused_level(level).width
-                stats = LevelStatistics(x.shape[1], z.shape[1], width, context.device)
-            stats.add(x, z, offset)
-    assert stats is not None  # CalibrationSet guarantees a non-empty set
+            values = [
+                rows_of(context.parent_reader.read(parent, inputs, [level.target])[0], level.axis)
+                for parent in context.parents
+            ]
+            if direct:  # the classes: one row per sample
+                target = class_targets(direct, torch.cat(values, dim=1), labels, grouping, parents)
+            else:  # Z·shares, parent by parent: never all K·n neuron values at once
+                target = sum(value.double() @ share for value, share in zip(values, shares))
+            assert isinstance(target, Tensor)
+            if terms:
+                target = target - rows_of(torch.stack(terms).sum(0), level.axis).double()
+            stats.add(layer_inputs(layer, fused_input), target)
     return stats

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from fedfuse.fusion.clustering import group_neurons, grouping_cost, shares_by_index
+from fedfuse.fusion.embedding import NeuronEmbedding
 from fedfuse.fusion.importance import importance_scores
 from fedfuse.fusion.levels import Space
-from fedfuse.fusion.statistics import NeuronGram, rows_of
+from fedfuse.fusion.statistics import rows_of
 
 if TYPE_CHECKING:
     from fedfuse.fusion.context import FusionContext
@@ -49,6 +50,9 @@ class SpaceGrouping:
         group_scales: ``[groups]`` each group target's scale: its members' weighted mean scale.
         scores: ``[K·n]`` the neurons' importance, parent weights included.
         group_weights: ``[groups]`` S_k, the total importance of each group.
+        costs: by place (each of the space's points), the importance-weighted share of the rescaled
+            neurons' variance that merging loses there: Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖²,
+            measured on the points grouping worked on (exact but for a sketch).
         importance_seconds, grouping_seconds: where the time went.
     """
 
@@ -59,32 +63,31 @@ class SpaceGrouping:
     group_scales: Tensor
     scores: Tensor
     group_weights: Tensor
+    costs: dict[str, float]
     importance_seconds: float = 0.0
     grouping_seconds: float = 0.0
 
-    def cost(self, gram: NeuronGram) -> float:
-        """The share of the (rescaled) neurons' variance that merging loses, at the place ``gram``
-        measured."""
-        assert gram.gram is not None
-        inverse = 1.0 / self.scales
-        rescaled = gram.gram.cpu() * inverse[:, None] * inverse[None, :]
-        return grouping_cost(rescaled, gram.variances.cpu() * inverse**2, self.scores, self.unit_shares)
 
-
-def measure_points(space: Space, context: FusionContext) -> list[NeuronGram]:
-    """One pass of the parents over the calibration set: the Gram matrix of their neurons at each point."""
-    grams = [NeuronGram() for _ in space.points]
+def measure_points(space: Space, context: FusionContext) -> list[NeuronEmbedding]:
+    """One pass of the parents over the calibration set: their neurons embedded at each point."""
+    config = context.config
+    embeddings = [
+        NeuronEmbedding(context.calibration.num_samples, config.grouping_dims, config.seed + index)
+        for index in range(len(space.points))
+    ]
     places = [point.place for point in space.points]
     with torch.no_grad():
-        for inputs, _ in context.calibration.batches(context.device, context.dtype):
+        for inputs, _ in context.chunks(places):
             values = [context.parent_reader.read(parent, inputs, places) for parent in context.parents]
-            for index, (gram, point) in enumerate(zip(grams, space.points)):
-                gram.add(torch.cat([rows_of(parent[index], point.axis) for parent in values], dim=1))
-    return grams
+            for index, (embedding, point) in enumerate(zip(embeddings, space.points)):
+                embedding.add(
+                    torch.cat([rows_of(parent[index], point.axis) for parent in values], dim=1), len(inputs)
+                )
+    return embeddings
 
 
-def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContext) -> SpaceGrouping:
-    """Decide ``space``'s grouping from its points' Gram matrices (``grams``, one per point; fixed spaces
+def group_space(space: Space, embeddings: Sequence[NeuronEmbedding], context: FusionContext) -> SpaceGrouping:
+    """Decide ``space``'s grouping from its points' embeddings (``embeddings``, one per point; fixed spaces
     need none)."""
     parents = len(context.parents)
     weights = context.weights
@@ -98,32 +101,34 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
         else:
             per_class = (weights.parents / weights.parents.sum()).unsqueeze(1).expand(parents, space.width)
         shares = shares_by_index(per_class)
+        ones = torch.ones(shares.shape[0], dtype=torch.float64)
         return SpaceGrouping(
             "index",
             shares,
             shares,
-            torch.ones(shares.shape[0], dtype=torch.float64),
+            ones,
             torch.ones(shares.shape[1], dtype=torch.float64),
             per_class.flatten(),
             torch.ones(space.width, dtype=torch.float64),
+            _costs(space, embeddings, ones, per_class.flatten(), shares),
             importance_seconds=time.perf_counter() - clock,
         )
     clock = time.perf_counter()
     scores = _scores(space, context) * weights.parents.repeat_interleave(space.width)
     importance_seconds = time.perf_counter() - clock
     clock = time.perf_counter()
-    gram, variances = _combined(grams)
-    energy = gram.diagonal().clamp_min(0)
+    points, energy, variances = _combined(embeddings)
     scales = energy.clamp_min(energy.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12).sqrt()
     inverse = 1.0 / scales
     config = context.config
     found = group_neurons(
         config.grouping,
-        gram * inverse[:, None] * inverse[None, :],
+        points * inverse[:, None],
         variances * inverse**2,
         scores,
         space.width,
         context.groups(space.name),
+        init=config.kmeans_init,
         seed=config.seed,
         n_init=config.kmeans_n_init,
         max_iter=config.kmeans_max_iter,
@@ -139,6 +144,7 @@ def group_space(space: Space, grams: Sequence[NeuronGram], context: FusionContex
         group_scale,
         scores,
         group_weights,
+        _costs(space, embeddings, scales, scores, found.shares),
         importance_seconds,
         time.perf_counter() - clock,
     )
@@ -196,20 +202,33 @@ def log_mixture(values: Tensor, shares: Tensor, parents: int) -> Tensor:
     return torch.logsumexp(log_probabilities + weights.clamp_min(1e-300).log(), dim=1)
 
 
-def _combined(grams: Sequence[NeuronGram]) -> tuple[Tensor, Tensor]:
-    """One Gram matrix (and per-neuron variances) for several points, each scaled by the inverse of its
-    total variance: k-means on the neurons' values at every point at once, each point counting alike."""
-    if len(grams) == 1:
-        assert grams[0].gram is not None
-        return grams[0].gram.cpu(), grams[0].variances.cpu()
-    gram = variances = None
-    for point in grams:
-        assert point.gram is not None
+def _combined(embeddings: Sequence[NeuronEmbedding]) -> tuple[Tensor, Tensor, Tensor]:
+    """One set of points (with per-neuron energies Σz² and variances) for several points of a space, each
+    scaled by the inverse root of its total variance and set side by side: k-means on the neurons'
+    values at every point at once, each point counting alike."""
+    points, energies, variances = [], [], []
+    for point in embeddings:
+        assert point.squares is not None
         scale = 1.0 / float(point.variances.sum().clamp_min(torch.finfo(torch.float64).tiny))
-        gram = point.gram * scale if gram is None else gram + point.gram * scale
-        variances = point.variances * scale if variances is None else variances + point.variances * scale
-    assert gram is not None and variances is not None
-    return gram.cpu(), variances.cpu()
+        if len(embeddings) == 1:
+            scale = 1.0
+        points.append(point.points() * scale**0.5)
+        energies.append(point.squares.cpu() * scale)
+        variances.append(point.variances.cpu() * scale)
+    return torch.cat(points, dim=1), sum(energies[1:], energies[0]), sum(variances[1:], variances[0])
+
+
+def _costs(
+    space: Space, embeddings: Sequence[NeuronEmbedding], scales: Tensor, scores: Tensor, unit_shares: Tensor
+) -> dict[str, float]:
+    """`SpaceGrouping.costs`: the grouping's cost at each of the space's points, on rescaled neurons."""
+    inverse = 1.0 / scales
+    return {
+        point.place: grouping_cost(
+            embedding.points() * inverse[:, None], embedding.variances.cpu() * inverse**2, scores, unit_shares
+        )
+        for point, embedding in zip(space.points, embeddings)
+    }
 
 
 def _scores(space: Space, context: FusionContext) -> Tensor:
