@@ -17,9 +17,19 @@ import numpy as np
 import sklearn.datasets
 import torch
 
-IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")
-DATASET_NAMES = ("digits", *IDX_DATASETS, "cifar10")
-SPLITS = ("t10k", "train")
+from simulations.dataset_names import DATASET_NAMES, IDX_DATASETS, SPLITS
+
+__all__ = [
+    "DATASET_NAMES",
+    "IDX_DATASETS",
+    "SPLITS",
+    "Dataset",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "load_idx",
+    "read_idx",
+]
 
 # CIFAR-10's python version: five training batches and one test batch, 10,000 images each.
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "t10k": ("test_batch",)}

@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
-from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -203,3 +201,16 @@ def test_the_engine_and_the_zoo_never_import_flower() -> None:
     code = "import sys, fedfuse, fedfuse.fusion, fedfuse.models; print('flwr' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
+
+
+def test_importing_fedfuse_loads_neither_scikit_learn_nor_captum_nor_scipy() -> None:
+    """A fast start: the heavy libraries load on first use (k-means, attribution, matching)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedfuse, fedfuse.fusion, fedfuse.models; "
+        "print(sorted({'sklearn', 'captum', 'scipy'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"

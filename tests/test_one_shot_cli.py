@@ -72,7 +72,7 @@ def test_the_data_folder_is_made_absolute_for_the_clients_worker_processes(
             "--alpha applies to dirichlet and quantity-skew, not iid",
         ),
         (["--classes-per-client", "3"], "--classes-per-client applies to pathological, not dirichlet"),
-        (["--clients", "1"], "Setting.num_clients must be an int >= 2"),
+        (["--clients", "1"], "--clients must be an int >= 2"),
         (["--clients", "2,x"], "'2,x' is not a comma-separated list of int"),
         (["--alpha", "0.3,0.3"], "repeats a value"),
         (["--importance", "saliency"], r"unknown \['saliency'\]"),
@@ -100,3 +100,24 @@ def test_options_that_do_not_fit_are_refused_before_any_training(
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()  # nothing was run or written
+
+
+def test_a_mistyped_option_is_answered_before_pytorch_or_flower_load() -> None:
+    """A fast start: argparse and the setting's checks run on light modules only, naming the flags."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from simulations.one_shot.cli import main\n"
+        "for argv in (['--dataset', 'typo'], ['--clients', '1']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted({'torch', 'flwr', 'sklearn'} & set(sys.modules)))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert finished.stdout.strip() == "[]"
+    assert "argument --dataset: invalid choice: 'typo'" in finished.stderr
+    assert "--clients must be an int >= 2, got 1" in finished.stderr

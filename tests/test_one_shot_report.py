@@ -110,7 +110,11 @@ def test_json_and_csv_hold_every_row_of_every_setting(tmp_path: Path) -> None:
     ]
 
     with write_csv(tmp_path, SWEEP).open() as file:
+        header = next(csv.reader(file))
+        file.seek(0)
         lines = list(csv.DictReader(file))
+    assert len(header) == len(set(header)), "a column repeats"
+    assert {line["evaluation_size"] for line in lines} == {str(SWEEP[0].evaluation_size)}
     assert len(lines) == 8 * 6
     assert lines[4]["method"] == "fedfuse linear uniform" and lines[4]["num_clients"] == "2"
     assert lines[4]["fusion_seconds"] == "0.5" and lines[0]["client"] == "0" and lines[2]["client"] == ""

@@ -3,10 +3,9 @@
 The objective (weights s_j, assignment a(j), group targets T_k = importance-weighted member means) is the
 importance-weighted k-means cost Σ_j s_j‖z_j − T_a(j)‖², where z_j is neuron j's vector of values over
 all calibration rows. Grouping works on points with the same pairwise distances in few dimensions
-(`fedfuse.fusion.embedding`), so its cost is linear in K: k-means starts from the reference parent's
-neurons (one Lloyd run of O(K·n · n · r) per iteration; the k-means++ restarts it replaced cost
-O(K·n · n · r · log n) each and did not lower the objective, docs/benchmarks.md), and Hungarian matching
-costs O(n³) for two parents.
+(`fedfuse.fusion.embedding`), so its cost is linear in K: a Lloyd iteration costs O(K·n · n · r) and
+a k-means++ start O(K·n · n · r · log n); starting from the reference parent's neurons instead saves the
+restarts at some cost in accuracy (docs/benchmarks.md). Hungarian matching costs O(n³) for two parents.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def group_neurons(
     width: int,
     groups: int,
     *,
-    init: str = "reference",
+    init: str = "k-means++",
     **kmeans: int,
 ) -> Grouping:
     """Group neurons by ``"kmeans"`` or ``"hungarian"``; groups come out aligned with the reference

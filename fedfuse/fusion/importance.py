@@ -9,7 +9,6 @@ parent's own prediction when the calibration set has no labels.
 from __future__ import annotations
 
 import torch
-from captum.attr import LayerConductance, LayerDeepLift, LayerGradientXActivation
 from torch import Tensor, nn
 
 from fedfuse.fusion.calibration import CalibrationSet
@@ -59,6 +58,9 @@ def importance_scores(
 
 
 def _attribution(method: str, forward: nn.Module, module: nn.Module):
+    # captum is imported on first use: `import fedfuse` stays light (uniform importance never needs it)
+    from captum.attr import LayerConductance, LayerDeepLift, LayerGradientXActivation
+
     if method == "gradient_x_activation":
         return LayerGradientXActivation(forward, module)
     if method == "conductance":

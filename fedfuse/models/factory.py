@@ -9,11 +9,10 @@ from torch import nn
 
 from fedfuse.models.lenet import LeNet
 from fedfuse.models.mlp import MLP
+from fedfuse.models.names import MODEL_NAMES
 from fedfuse.models.resnet import ResNet
 from fedfuse.models.vgg import VGG11
 from fedfuse.models.vit import ViT
-
-MODEL_NAMES = ("mlp", "cnn", "lenet", "cnn-bn", "vgg11", "vgg11-bn", "resnet8", "resnet18", "vit")
 
 
 def build_model(

@@ -15,22 +15,39 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm.auto import tqdm
-
-from fedfuse.fusion.config import IMPORTANCES, VARIANTS
 from fedfuse.models import MODEL_NAMES
-from simulations.datasets import DATASET_NAMES, SPLITS
-from simulations.one_shot.methods import FUSION_WEIGHTS, MethodOptions, check_fusable
-from simulations.one_shot.outputs import results_document, write_csv, write_json
-from simulations.one_shot.plots import ALPHA_PLOT, CLIENTS_PLOT, METHODS_PLOT, plot_methods, plot_sweep
-from simulations.one_shot.report import setting_report, summary_table, sweep_line
-from simulations.one_shot.setting import INITS, Setting
-from simulations.one_shot.summary import summarize
-from simulations.one_shot.sweep import run_sweep
+from simulations.dataset_names import DATASET_NAMES, SPLITS
+from simulations.one_shot.setting import FUSION_WEIGHTS, INITS, Setting
 from simulations.partitioning import ALPHA_PARTITIONINGS, PARTITIONINGS
+
+if TYPE_CHECKING:
+    from simulations.one_shot.methods import MethodOptions
+
+# Only light modules above: the options are checked before PyTorch, Flower and the engine load, so a
+# mistyped option is answered at once; the rest is imported where it is used.
+
+#: The flag that sets each `Setting` field, so that a setting's error names what the user typed.
+FLAGS = {
+    "dataset": "--dataset",
+    "data_dir": "--data-dir",
+    "split": "--split",
+    "model": "--model",
+    "num_clients": "--clients",
+    "partitioning": "--partitioning",
+    "alpha": "--alpha",
+    "classes_per_client": "--classes-per-client",
+    "init": "--init",
+    "seed": "--seeds",
+    "calibration_size": "--calibration-size",
+    "evaluation_size": "--evaluation-size",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "fedavg_rounds": "--fedavg-rounds",
+    "threads": "--threads",
+}
 
 DEFAULTS = Setting()
 DEFAULT_ALPHA = 0.5
@@ -114,15 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     methods = parser.add_argument_group("methods")
     methods.add_argument(
         "--importance",
-        type=_list(str, IMPORTANCES),
+        type=_list(str),
         default=("uniform",),
-        help=f"FedFuse importance method(s): {', '.join(IMPORTANCES)} (default uniform)",
+        help="FedFuse importance method(s): uniform, gradient_x_activation, conductance, deeplift "
+        "(default uniform)",
     )
     methods.add_argument(
         "--variants",
-        type=_list(str, VARIANTS),
-        default=VARIANTS,
-        help=f"FedFuse variant(s) (default: all, {', '.join(VARIANTS)})",
+        type=_list(str),
+        default=None,
+        help="FedFuse variant(s): linear, gradient (default: both)",
     )
     methods.add_argument(
         "--fusion-weights",
@@ -179,32 +197,46 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
     classes_per_client = args.classes_per_client
     if args.partitioning == "pathological" and classes_per_client is None:
         classes_per_client = DEFAULT_CLASSES_PER_CLIENT
-    settings = [
-        Setting(
-            dataset=args.dataset,
-            data_dir=str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None,
-            split=args.split,
-            model=args.model,
-            num_clients=num_clients,
-            partitioning=args.partitioning,
-            alpha=alpha,
-            classes_per_client=classes_per_client,
-            init=init,
-            seed=seed,
-            calibration_size=args.calibration_size,
-            evaluation_size=args.evaluation_size,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            fedavg_rounds=args.fedavg_rounds,
-            threads=args.threads,
-        )
-        for init, num_clients, alpha, seed in itertools.product(
-            args.init, args.clients, alphas, range(args.seeds)
-        )
-    ]
+    try:
+        settings = [
+            Setting(
+                dataset=args.dataset,
+                data_dir=str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None,
+                split=args.split,
+                model=args.model,
+                num_clients=num_clients,
+                partitioning=args.partitioning,
+                alpha=alpha,
+                classes_per_client=classes_per_client,
+                init=init,
+                seed=seed,
+                calibration_size=args.calibration_size,
+                evaluation_size=args.evaluation_size,
+                epochs=args.epochs,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                fedavg_rounds=args.fedavg_rounds,
+                threads=args.threads,
+            )
+            for init, num_clients, alpha, seed in itertools.product(
+                args.init, args.clients, alphas, range(args.seeds)
+            )
+        ]
+    except ValueError as error:
+        raise ValueError(_with_flags(str(error))) from None
+    # The engine's choices: the first options whose check loads PyTorch.
+    from fedfuse.fusion.config import IMPORTANCES, VARIANTS
+    from simulations.one_shot.methods import MethodOptions
+
+    for flag, values, choices in (
+        ("--variants", args.variants or (), VARIANTS),
+        ("--importance", args.importance, IMPORTANCES),
+    ):
+        unknown = [value for value in values if value not in choices]
+        if unknown:
+            raise ValueError(f"{flag}: unknown {unknown}; choose from {', '.join(choices)}")
     options = MethodOptions(
-        variants=args.variants,
+        variants=args.variants or VARIANTS,
         importances=args.importance,
         fusion_weights=args.fusion_weights,
         central=not args.no_central,
@@ -246,6 +278,8 @@ def check_before_training(settings: Sequence[Setting], options: MethodOptions) -
     Raises:
         ValueError, FileNotFoundError: the first problem found, with its own message.
     """
+    from simulations.one_shot.methods import check_fusable
+
     for setting in settings:
         setting.client_indices(setting.federated_split())
     check_fusable(settings[0], settings[0].federated_split(), options)
@@ -254,6 +288,14 @@ def check_before_training(settings: Sequence[Setting], options: MethodOptions) -
 def _run(
     settings: list[Setting], options: MethodOptions, args: argparse.Namespace, command: str, output_dir: Path
 ) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from simulations.one_shot.outputs import results_document, write_csv, write_json
+    from simulations.one_shot.plots import ALPHA_PLOT, CLIENTS_PLOT, METHODS_PLOT, plot_methods, plot_sweep
+    from simulations.one_shot.report import setting_report, summary_table, sweep_line
+    from simulations.one_shot.summary import summarize
+    from simulations.one_shot.sweep import run_sweep
+
     started = time.perf_counter()
     results = run_sweep(
         settings,
@@ -278,9 +320,18 @@ def _run(
     return document
 
 
+def _with_flags(message: str) -> str:
+    """A `Setting`'s error in the words of the command line: ``Setting.num_clients`` becomes ``--clients``."""
+    for field, flag in FLAGS.items():
+        message = message.replace(f"Setting.{field} ", f"{flag} ")
+    return message
+
+
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     """torch's CPU threads set to ``count`` within, restored after."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

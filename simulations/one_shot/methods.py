@@ -22,12 +22,11 @@ from fedfuse import FusionConfig, describe_levels, fuse
 from simulations.baselines import ensemble_predictions
 from simulations.federation import FederatedSplit, model_builder
 from simulations.one_shot.flower_training import FlowerTraining
-from simulations.one_shot.setting import Setting
+from simulations.one_shot.setting import FUSION_WEIGHTS, Setting
 from simulations.training import classification_scores, evaluate, train
 
 #: What FedFuse weights the parents by: what the server measures on its calibration set (the default:
 #: nothing disclosed), the clients' per-class label counts ([K, C]) or their example counts ([K]).
-FUSION_WEIGHTS = ("calibration", "labels", "examples")
 #: The scores of a `Row`, as `simulations.training.classification_scores` names them.
 SCORES = ("accuracy", "macro_f1", "loss")
 _CHECK_EXAMPLES = 8  # calibration examples `check_fusable` traces the model on

@@ -60,9 +60,10 @@ def write_json(folder: Path, document: dict[str, Any]) -> Path:
 
 
 def write_csv(folder: Path, results: Sequence[SettingResult]) -> Path:
-    """One line per (setting, method): the setting's fields, the resolved evaluation size, the row's."""
+    """One line per (setting, method): the setting's fields (``evaluation_size`` resolved to the examples
+    evaluated on, where the setting left it to the default), then the row's. Every column once."""
     path = folder / RESULTS_CSV
-    columns = [f.name for f in fields(Setting)] + ["evaluation_size"] + [f.name for f in fields(Row)]
+    columns = [f.name for f in fields(Setting)] + [f.name for f in fields(Row)]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedfuse.models import MODEL_NAMES
-from simulations.datasets import DATASET_NAMES, SPLITS
-from simulations.federation import FederatedSplit, federated_split
+from simulations.dataset_names import DATASET_NAMES, SPLITS
 from simulations.partitioning import check_scheme
 
+if TYPE_CHECKING:
+    from simulations.federation import FederatedSplit
+
 INITS = ("shared", "independent")
+#: What FedFuse may weight the clients by (`simulations.one_shot.methods.MethodOptions.fusion_weights`).
+FUSION_WEIGHTS = ("calibration", "labels", "examples")
 #: The partitionings in words, for headers.
 PARTITIONING_NAMES = {
     "iid": "IID",
@@ -137,6 +142,8 @@ class Setting:
 
     def federated_split(self) -> FederatedSplit:
         """The data and the server's two sets (`simulations.federation.federated_split`)."""
+        from simulations.federation import federated_split  # loads PyTorch: not needed to check a setting
+
         return federated_split(
             self.dataset,
             self.data_dir,
