@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fedfuse.fusion.config import IMPORTANCES, VARIANTS
 from fedfuse.models import MODEL_NAMES
+from simulations.baselines import PEER_METHODS
 from simulations.datasets import DATASET_NAMES, SPLITS
 from simulations.one_shot.methods import FUSION_WEIGHTS, MethodOptions, check_fusable
 from simulations.one_shot.outputs import results_document, write_csv, write_json
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nothing disclosed), their per-class label counts, or their example counts",
     )
     methods.add_argument(
+        "--methods",
+        type=_list(str, tuple(PEER_METHODS)),
+        default=(),
+        help=f"peer methods run on the same client models: {', '.join(PEER_METHODS)} (default: none)",
+    )
+    methods.add_argument(
         "--fedavg-rounds",
         type=int,
         default=0,
@@ -208,6 +215,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
         importances=args.importance,
         fusion_weights=args.fusion_weights,
         central=not args.no_central,
+        peers=args.methods,
     )
     return settings, options
 
