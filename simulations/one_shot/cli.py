@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nothing disclosed), their per-class label counts, or their example counts",
     )
     methods.add_argument(
+        "--methods",
+        type=_list(str),
+        default=(),
+        help="peer methods run on the same client models, comma-separated: Git Re-Basin, OT fusion, "
+        "RegMean, distillation and Flower's strategies (`simulations.baselines.PEER_METHODS`; a wrong "
+        "name lists them; default: none)",
+    )
+    methods.add_argument(
         "--fedavg-rounds",
         type=int,
         default=0,
@@ -226,11 +234,13 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
         raise ValueError(_with_flags(str(error))) from None
     # The engine's choices: the first options whose check loads PyTorch.
     from fedfuse.fusion.config import IMPORTANCES, VARIANTS
+    from simulations.baselines import PEER_METHODS
     from simulations.one_shot.methods import MethodOptions
 
     for flag, values, choices in (
         ("--variants", args.variants or (), VARIANTS),
         ("--importance", args.importance, IMPORTANCES),
+        ("--methods", args.methods, tuple(PEER_METHODS)),
     ):
         unknown = [value for value in values if value not in choices]
         if unknown:
@@ -240,6 +250,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
         importances=args.importance,
         fusion_weights=args.fusion_weights,
         central=not args.no_central,
+        peers=args.methods,
     )
     return settings, options
 

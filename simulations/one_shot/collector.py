@@ -25,6 +25,8 @@ class ClientCollector(FedAvg):
 
     Attributes:
         client_arrays: partition id → the ArrayRecord that client sent in the last round.
+        replies: the last round's valid replies, in partition order (Flower's other strategies aggregate
+            them too: `simulations.baselines.flower_strategies`).
         failures: one line per error reply (node id and Flower's reason), for the harness's message.
         aggregation_seconds: wall-clock seconds of FedAvg's aggregation of the last round.
     """
@@ -38,6 +40,7 @@ class ClientCollector(FedAvg):
         )
         self.num_clients = num_clients
         self.client_arrays: dict[int, ArrayRecord] = {}
+        self.replies: list[Message] = []
         self.failures: list[str] = []
         self.aggregation_seconds = 0.0
 
@@ -57,7 +60,8 @@ class ClientCollector(FedAvg):
                 self.client_arrays[partition_id] = reply.content["arrays"]
                 by_partition[partition_id] = reply
         started = time.perf_counter()
-        ordered = [by_partition[k] for k in sorted(by_partition)] + errors
+        self.replies = [by_partition[k] for k in sorted(by_partition)]
+        ordered = self.replies + errors
         aggregated = super().aggregate_train(server_round, ordered)
         self.aggregation_seconds = time.perf_counter() - started
         return aggregated

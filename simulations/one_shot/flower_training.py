@@ -21,9 +21,9 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from torch import nn
@@ -44,6 +44,7 @@ class FlowerTraining:
         fedavg_seconds: wall-clock seconds of that aggregation.
         fedavg_rounds: the global model after ``fedavg_rounds`` rounds of FedAvg; None when not asked.
         seconds: wall-clock seconds of the whole run, Flower's and Ray's start-up included.
+        client_replies: the clients' Flower replies of the one-shot round, in partition order.
     """
 
     client_models: list[nn.Module]
@@ -51,6 +52,7 @@ class FlowerTraining:
     fedavg_seconds: float
     fedavg_rounds: nn.Module | None
     seconds: float
+    client_replies: list[Message] = field(default_factory=list)
 
 
 def train_in_flower(
@@ -113,6 +115,7 @@ def train_in_flower(
         fedavg_seconds=collector.aggregation_seconds,
         fedavg_rounds=_model(build, outcome[FEDAVG_ROUNDS][1]) if setting.fedavg_rounds else None,
         seconds=seconds,
+        client_replies=collector.replies,
     )
 
 

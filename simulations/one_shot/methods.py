@@ -1,7 +1,9 @@
 """Every method of the comparison, scored on one setting's evaluation set from the same client models.
 
 Rows, in order: each client alone, the best and the mean client, one-shot FedAvg (Flower's
-example-weighted average), FedFuse for every variant and importance method asked for, the clients'
+example-weighted average), FedFuse for every variant and importance method asked for, the peer methods
+asked for (`simulations.baselines.PEER_METHODS`: Git Re-Basin, OT fusion, RegMean, distillation, Flower's
+strategies, each on the same client models and calibration set), the clients'
 ensembles (K models at inference: logits or softmax averaged uniformly, or per class with the weights
 FedFuse measures on the calibration set, and stacked on the calibration labels;
 `simulations.baselines.ENSEMBLES`), the best of them (the fair bar: none has more information than
@@ -12,6 +14,7 @@ the pooled client data (the ceiling).
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -19,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from fedfuse import FusionConfig, describe_levels, fuse
-from simulations.baselines import ensemble_predictions
+from simulations.baselines import PEER_METHODS, PeerInputs, ensemble_predictions, run_peer
 from simulations.federation import FederatedSplit, model_builder
 from simulations.one_shot.flower_training import FlowerTraining
 from simulations.one_shot.setting import FUSION_WEIGHTS, Setting
@@ -41,14 +44,19 @@ class MethodOptions:
         importances: FedFuse importance methods (`fedfuse.fusion.config.IMPORTANCES`).
         fusion_weights: one of `FUSION_WEIGHTS`.
         central: also train one model on the pooled client data.
+        peers: peer methods run on the same client models (`simulations.baselines.PEER_METHODS`).
     """
 
     variants: tuple[str, ...]
     importances: tuple[str, ...]
     fusion_weights: str = "calibration"
     central: bool = True
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.peers if name not in PEER_METHODS]
+        if unknown:
+            raise ValueError(f"unknown peer method(s) {unknown}; choose from {', '.join(PEER_METHODS)}")
         if not self.variants or not self.importances:
             raise ValueError("MethodOptions needs at least one FedFuse variant and one importance method")
         if self.fusion_weights not in FUSION_WEIGHTS:
@@ -138,6 +146,14 @@ def compare(
             )
             rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
             reports[method] = result.report.to_dict()
+
+    inputs = PeerInputs(
+        trained.client_models, (calibration.x, calibration.y), setting.seed, trained.client_replies
+    )
+    for name in options.peers:
+        started = time.perf_counter()
+        model = run_peer(name, inputs)
+        rows.append(score(name, model, fusion_seconds=time.perf_counter() - started))
 
     ensembles = [
         Row(name, **_scores(classification_scores(logits, evaluation.y)))
