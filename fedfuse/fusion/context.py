@@ -6,12 +6,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from fedfuse.fusion.calibration import Batch, CalibrationSet
+from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.levels import Level, LevelPlan
-from fedfuse.fusion.reading import Reader
+from fedfuse.fusion.reading import At, Reader
 from fedfuse.fusion.targets import SpaceGrouping
 from fedfuse.fusion.weights import ParentWeights
 
@@ -53,22 +53,31 @@ class FusionContext:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""
         return next(other for other in self.fused_plan.levels if other.name == level.name)
 
-    def chunks(self, places: Sequence[str]) -> Iterator[Batch]:
+    def chunks(self, places: Sequence[str]) -> Iterator[tuple[Tensor, Tensor | None, At]]:
         """The calibration batches, split so that every parent's values at ``places`` on one chunk number at
         most `CHUNK_VALUES` (a convolution has a value per position): a level's pass then holds
-        O(CHUNK_VALUES) values at a time, whatever K and the batch size."""
+        O(CHUNK_VALUES) values at a time, whatever K and the batch size. Each chunk comes with where it
+        lies (`fedfuse.fusion.reading.At`), for reads from a checkpoint."""
         example = self.calibration.example(self.device, self.dtype, size=1)
         with torch.no_grad():
             per_sample = sum(
                 value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
             )
         samples = max(1, CHUNK_VALUES // max(1, per_sample * len(self.parents)))
-        for inputs, labels in self.calibration.batches(self.device, self.dtype):
+        for index, (inputs, labels) in enumerate(self.calibration.batches(self.device, self.dtype)):
             for start in range(0, len(inputs), samples):
-                yield (
-                    inputs[start : start + samples],
-                    None if labels is None else labels[start : start + samples],
-                )
+                chunk = slice(start, start + samples)
+                yield inputs[chunk], None if labels is None else labels[chunk], (index, chunk)
+
+    def advance(self, level: Level) -> None:
+        """Checkpoint every parent and the fused model at ``level``'s input (`Reader.advance`), so that the
+        level's passes run each of them from there, once."""
+        readers = [(self.parent_reader, parent) for parent in self.parents] + [
+            (self.fused_reader, self.fused)
+        ]
+        for reader, model in readers:
+            batches = (inputs for inputs, _ in self.calibration.batches(self.device, self.dtype))
+            reader.advance(model, level.input, batches)
 
     def groups(self, space: str) -> int:
         """The fused neurons of a space."""

@@ -23,7 +23,7 @@ from fedfuse.fusion.linear import fit_linear
 from fedfuse.fusion.parent_scores import ParentScores, score_parents
 from fedfuse.fusion.parents import check_parents
 from fedfuse.fusion.polish import polish
-from fedfuse.fusion.reading import Reader
+from fedfuse.fusion.reading import CHECKPOINT_VALUES, Reader
 from fedfuse.fusion.report import FusionReport, LevelReport
 from fedfuse.fusion.sharpness import SAMPLES as SHARPNESS_SAMPLES
 from fedfuse.fusion.sharpness import sharpness
@@ -165,7 +165,8 @@ def _fuse_levels(
     if config.width_multiplier != 1:
         fused_plan = resize_spaces(fused, plan, config.width_multiplier, config.seed, example)
     parameter = next(fused.parameters())
-    parent_reader = Reader(plan)
+    budget = [CHECKPOINT_VALUES]  # the checkpoints of the parents and the fused model share one budget
+    parent_reader = Reader(plan, budget)
     context = FusionContext(
         parents=parents,
         fused=fused,
@@ -175,14 +176,14 @@ def _fuse_levels(
         plan=plan,
         fused_plan=fused_plan,
         parent_reader=parent_reader,
-        fused_reader=parent_reader if fused_plan is plan else Reader(fused_plan),
+        fused_reader=parent_reader if fused_plan is plan else Reader(fused_plan, budget),
         device=parameter.device,
         dtype=parameter.dtype,
     )
-    reports = [
-        fuse_level(index, level, context)
-        for index, level in enumerate(tqdm(plan.levels, desc="fusing levels", disable=not config.progress))
-    ]
+    reports = []
+    for index, level in enumerate(tqdm(plan.levels, desc="fusing levels", disable=not config.progress)):
+        context.advance(level)
+        reports.append(fuse_level(index, level, context))
     _average_the_rest(fused, parents, plan)
     return fused, reports
 

@@ -94,11 +94,12 @@ def _cache(
     inputs, targets = [], []
     places = [level.input, *level.residual]
     with torch.no_grad():
-        for batch, labels in context.calibration.batches(context.device, context.dtype):
-            fused_input, *terms = context.fused_reader.read(context.fused, batch, places)
+        for index, (batch, labels) in enumerate(context.calibration.batches(context.device, context.dtype)):
+            at = (index, slice(None))
+            fused_input, *terms = context.fused_reader.read(context.fused, batch, places, at)
             inputs.append(fused_input.detach())
             outputs = [
-                context.parent_reader.read(parent, batch, [level.target])[0] for parent in context.parents
+                context.parent_reader.read(parent, batch, [level.target], at)[0] for parent in context.parents
             ]
             stacked = torch.cat([out.movedim(level.axis, -1) for out in outputs], dim=-1)
             rows = stacked.reshape(-1, stacked.shape[-1])

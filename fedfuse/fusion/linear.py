@@ -97,10 +97,10 @@ def _statistics(
     places = [level.input, *level.residual]
     parents = len(context.parents)
     with torch.no_grad():
-        for inputs, labels in context.chunks([*places, level.target]):
-            fused_input, *terms = context.fused_reader.read(context.fused, inputs, places)
+        for inputs, labels, at in context.chunks([*places, level.target]):
+            fused_input, *terms = context.fused_reader.read(context.fused, inputs, places, at)
             values = [
-                rows_of(context.parent_reader.read(parent, inputs, [level.target])[0], level.axis)
+                rows_of(context.parent_reader.read(parent, inputs, [level.target], at)[0], level.axis)
                 for parent in context.parents
             ]
             if direct:  # the classes: one row per sample

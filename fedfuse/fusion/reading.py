@@ -5,32 +5,106 @@ A level's input, its neurons and the terms of the residual sum it completes are 
 smallest piece of the graph that computes the places asked for (`fedfuse.fusion.tracing.subgraph`), so
 nothing past them is computed. For a model that declares its levels, a place is a declared module's input
 or output, caught by a hook that stops the forward pass once everything asked for is caught.
+
+Checkpoints keep a traced model from running from its input at every level: `Reader.advance` keeps a
+model's values at one place (the next level's input) for every calibration batch, computed from the
+previous checkpoint, and a read whose places the checkpoint closes off (every path from the input to
+them passes through it: `fedfuse.fusion.tracing.subgraph` accepts the cut) runs from there. Each model
+then runs once per level rather than from the input, the forward work growing with the depth rather than
+its square. Checkpoints hold at most `CHECKPOINT_VALUES` values over all models; past that, reads run
+from the input as before, so memory stays bounded whatever K and the calibration set's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.levels import Level, LevelPlan
 from fedfuse.fusion.tracing import input_node, runnable, subgraph, tapped
 
+#: The most values (float32: 4 bytes each) all checkpoints of one fusion hold together: 512 MiB.
+CHECKPOINT_VALUES = 1 << 27
+
+#: Where a chunk of calibration samples lies: (batch index, slice of the batch).
+At = tuple[int, slice]
+
 
 class Reader:
     """Reads places of models that share one `LevelPlan`'s architecture (the parents, the fused model)."""
 
-    def __init__(self, plan: LevelPlan) -> None:
+    def __init__(self, plan: LevelPlan, budget: list[int] | None = None) -> None:
         self.plan = plan
-        self._pieces: dict[tuple[int, tuple[str, ...], tuple[str, ...]], nn.Module] = {}
+        self._pieces: dict[tuple[int, tuple[str, ...], tuple[str, ...]], nn.Module | None] = {}
+        self._checkpoints: dict[int, tuple[str, list[Tensor]]] = {}
+        self._budget = budget if budget is not None else [CHECKPOINT_VALUES]  # shared by a fusion's readers
 
-    def read(self, model: nn.Module, inputs: Tensor, places: Sequence[str]) -> list[Tensor]:
-        """The values at ``places`` when ``model`` runs on ``inputs``."""
+    def read(
+        self, model: nn.Module, inputs: Tensor, places: Sequence[str], at: At | None = None
+    ) -> list[Tensor]:
+        """The values at ``places`` when ``model`` runs on ``inputs``: the samples ``at`` (batch, slice) of
+        the calibration set, when given, which lets a checkpoint stand in for the first part of the model."""
         if self.plan.graph is None:
             return _read_with_hooks(model, inputs, places)
         graph = self.plan.graph
-        values = self._piece(model, (input_node(graph),), tuple(places))(inputs)
+        checkpoint = self._checkpoints.get(id(model)) if at is not None else None
+        piece = self._closed(model, checkpoint[0], places) if checkpoint is not None else None
+        if piece is not None and checkpoint is not None and at is not None:
+            values = piece(checkpoint[1][at[0]][at[1]])
+        else:
+            values = self._piece(model, (input_node(graph),), tuple(places))(inputs)
         return [values] if len(places) == 1 else list(values)
+
+    def advance(self, model: nn.Module, place: str, batches: Iterable[Tensor]) -> None:
+        """Keep ``model``'s values at ``place`` for each calibration batch (computed from its checkpoint where
+        that closes ``place`` off), in place of its checkpoint, while all checkpoints fit the budget."""
+        if self.plan.graph is None:
+            return
+        old = self._checkpoints.pop(id(model), None)
+        if old is not None:
+            self._budget[0] += sum(value.numel() for value in old[1])
+        kept: list[Tensor] = []
+        with torch.no_grad():
+            for index, inputs in enumerate(batches):
+                value = self._read_from(model, old, inputs, place, index)
+                self._budget[0] -= value.numel()
+                kept.append(value)
+                if self._budget[0] < 0:
+                    self._budget[0] += sum(value.numel() for value in kept)
+                    return
+        self._checkpoints[id(model)] = (place, kept)
+
+    def forget(self) -> None:
+        """Drop every checkpoint (their memory returns to the budget)."""
+        for _, values in self._checkpoints.values():
+            self._budget[0] += sum(value.numel() for value in values)
+        self._checkpoints.clear()
+
+    def _read_from(
+        self,
+        model: nn.Module,
+        checkpoint: tuple[str, list[Tensor]] | None,
+        inputs: Tensor,
+        place: str,
+        index: int,
+    ) -> Tensor:
+        piece = self._closed(model, checkpoint[0], [place]) if checkpoint is not None else None
+        if piece is not None and checkpoint is not None:
+            return piece(checkpoint[1][index])
+        return self.read(model, inputs, [place])[0]
+
+    def _closed(self, model: nn.Module, start: str, places: Sequence[str]) -> nn.Module | None:
+        """The piece computing ``places`` from ``start`` alone, or None when they need more than it."""
+        key = (id(model), (start,), tuple(places))
+        if key not in self._pieces:
+            assert self.plan.graph is not None
+            try:
+                self._pieces[key] = runnable(model, subgraph(self.plan.graph, (start,), tuple(places)))
+            except ValueError:
+                self._pieces[key] = None
+        return self._pieces[key]
 
     def body(self, model: nn.Module, level: Level) -> nn.Module:
         """A module that computes ``level``'s output from its input with ``model``'s own parameters (shared:
@@ -51,7 +125,9 @@ class Reader:
         if key not in self._pieces:
             assert self.plan.graph is not None
             self._pieces[key] = runnable(model, subgraph(self.plan.graph, inputs, outputs))
-        return self._pieces[key]
+        piece = self._pieces[key]
+        assert piece is not None
+        return piece
 
 
 class _Caught(Exception):

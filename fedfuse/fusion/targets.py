@@ -77,8 +77,8 @@ def measure_points(space: Space, context: FusionContext) -> list[NeuronEmbedding
     ]
     places = [point.place for point in space.points]
     with torch.no_grad():
-        for inputs, _ in context.chunks(places):
-            values = [context.parent_reader.read(parent, inputs, places) for parent in context.parents]
+        for inputs, _, at in context.chunks(places):
+            values = [context.parent_reader.read(parent, inputs, places, at) for parent in context.parents]
             for index, (embedding, point) in enumerate(zip(embeddings, space.points)):
                 embedding.add(
                     torch.cat([rows_of(parent[index], point.axis) for parent in values], dim=1), len(inputs)
