@@ -15,8 +15,8 @@ The rule, per client, on the calibration set:
    detector of c, 0 for any prediction that ignores the input, constant or random, whatever its class
    prior). The client's competence is the mean of its ``competent_classes`` best ``J_c``: a specialist
    is judged on the classes it knows, so knowing 2 or 3 classes well passes, as it should. Random
-   weights, sign-flipped weights and a model trained on permuted labels are at or below 0 there (the
-   last is right on no class). The client is left out below ``min_competence``.
+   weights and a model trained on permuted labels are near or below 0 there (the latter is right on no
+   class). The client is left out below ``min_competence``.
 3. **Output scale in line.** The root mean square of the client's logits must not exceed
    ``max_scale_ratio`` times the reference scale: the lower median of the clients' scales (the lower of
    the two middle values, so that with two clients the larger, not both, is out of line, and any
