@@ -486,34 +486,42 @@ class FedFuse(FedAvg):
     def _weights(self, valid: list[TrainReply]) -> np.ndarray | None:
         """None (the engine measures the parents on the calibration set), or the claimed counts, capped
         (`fedfuse.strategy.claims`): per-class label counts ``[K, C]`` when every client sent them,
-        else ``num-examples`` ``[K]``."""
+        else ``num-examples`` ``[K]``. Claimed example counts are cross-checked in every mode, so that a
+        client claiming far more than the others is named even when claims weight nothing."""
+        examples = self._capped(valid, np.array([reply.num_examples for reply in valid]), "examples")
         if self.parent_weights == "calibration":
             return None
         counts = [reply.label_counts for reply in valid]
-        if self.parent_weights == "label-counts" and all(c is not None for c in counts):
-            claims = np.stack(counts)  # each of length num_classes, checked with the reply
-        else:
-            if self.parent_weights == "label-counts" and any(c is not None for c in counts):
-                log(
-                    WARNING,
-                    "aggregate_train: '%s' is not reported by every client (missing from nodes %s); "
-                    "weighting clients by '%s' instead",
-                    self.label_counts_key,
-                    ", ".join(str(r.node_id) for r, c in zip(valid, counts, strict=True) if c is None),
-                    self.weighted_by_key,
-                )
-            claims = np.array([reply.num_examples for reply in valid])
+        if self.parent_weights == "num-examples":
+            return examples
+        if all(c is not None for c in counts):
+            return self._capped(valid, np.stack(counts), "labelled examples")
+        if any(c is not None for c in counts):
+            log(
+                WARNING,
+                "aggregate_train: '%s' is not reported by every client (missing from nodes %s); "
+                "weighting clients by '%s' instead",
+                self.label_counts_key,
+                ", ".join(str(r.node_id) for r, c in zip(valid, counts, strict=True) if c is None),
+                self.weighted_by_key,
+            )
+        return examples
+
+    def _capped(self, valid: list[TrainReply], claims: np.ndarray, what: str) -> np.ndarray:
+        """`cap_claims`, naming every client whose claim was capped."""
         capped = cap_claims(claims, self.claim_cap)
         for k in capped.capped:
             log(
                 WARNING,
-                "aggregate_train: node %s claims %.3g examples, more than %g times the median claim (%.3g); "
-                "it counts as %g times the median",
+                "aggregate_train: node %s claims %.3g %s, more than %g times the median claim (%.3g); %s",
                 valid[k].node_id,
                 float(claims[k].sum()),
+                what,
                 self.claim_cap,
                 capped.reference,
-                self.claim_cap,
+                "claims weight nothing here (parent_weights='calibration')"
+                if self.parent_weights == "calibration"
+                else f"it counts as {self.claim_cap:g} times the median",
             )
         return capped.weights
 
