@@ -62,10 +62,12 @@ class FedFuse(FedAvg):
 
     A bad reply (an error, no or several ArrayRecords, missing or extra keys, wrong shape or dtype,
     NaN/Inf, a missing or non-positive ``num-examples``, malformed label counts) leaves that client out
-    with a warning naming its node id and the reason. With fewer valid clients than
-    ``min_train_nodes``, or when fusion fails or times out, the round keeps the previous global model
-    with one warning saying why: ``aggregate_train`` returns that model's arrays again, so ``start()``'s
-    ``Result.arrays`` always holds a usable model. Nothing raises out of ``start()``.
+    with a warning naming its node id and the reason; so does a model the screening finds useless or out
+    of line on the calibration set. A fusion that fails is retried without the client behind it, which
+    is named. With fewer clients left than ``min_train_nodes``, or when the engine fails on every subset
+    tried or times out, the round keeps the previous global model with one warning saying why:
+    ``aggregate_train`` returns that model's arrays again, so ``start()``'s ``Result.arrays`` always
+    holds a usable model. Nothing raises out of ``start()``.
 
     Parameters
     ----------
@@ -88,6 +90,13 @@ class FedFuse(FedAvg):
         claim counts. ``"num-examples"``: by the claimed ``weighted_by_key``. ``"label-counts"``: per class
         by the claimed label counts under ``label_counts_key``, when every client sends them alike, else by
         ``weighted_by_key``.
+    screening : ScreeningRule or None (default: ScreeningRule())
+        Every valid client's model is tested on the calibration set before fusing, and one that is useless
+        or out of line with the rest is left out, named with its figures (`fedfuse.strategy.screening`).
+        None fuses every valid reply (a failed fusion is still retried without its culprit).
+    claim_cap : float (default: 4.0)
+        With claimed weights, a client's total claim counts for at most this many times the round's
+        median claim (`fedfuse.strategy.claims`).
     label_counts_key : str (default: "label-counts")
         The opt-in MetricRecord key under which clients may report per-class example counts (a list
         of length num_classes), read with ``parent_weights="label-counts"``.
@@ -215,6 +224,16 @@ class FedFuse(FedAvg):
             "\t│\t├── Parent weights: %s%s",
             self.parent_weights,
             f" (key '{self.label_counts_key}')" if self.parent_weights == "label-counts" else "",
+        )
+        rule = self.screening
+        log(
+            INFO,
+            "\t│\t├── Screening: %s | claim cap: %g x the median claim",
+            "off"
+            if rule is None
+            else f"competence >= {rule.min_competence:g} on the {rule.competent_classes} best classes, "
+            f"logit scale <= {rule.max_scale_ratio:g} x the median",
+            self.claim_cap,
         )
         log(
             INFO,

@@ -153,7 +153,7 @@ def noise(state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[st
     return {key: torch.randn(value.shape, generator=generator) for key, value in state.items()}
 
 
-def attacked(attack: str, honest: Client, flipped: dict[str, torch.Tensor], seed: int) -> Client:
+def attacked(attack: str, honest: Client, flipped: dict[str, torch.Tensor] | None, seed: int) -> Client:
     """The bad client that ``attack`` makes of an honest one (``flipped``: its label-flipped model)."""
     generator = torch.Generator().manual_seed(seed)
     state = honest.state
@@ -173,7 +173,7 @@ def attacked(attack: str, honest: Client, flipped: dict[str, torch.Tensor], seed
         return Client(noise(state, generator), honest.num_examples, [1e12] * classes)
     if attack == "wrong-length-label-counts":
         return Client(state, honest.num_examples, [*honest.label_counts, 1.0])
-    if attack == "label-flip":
+    if attack == "label-flip" and flipped is not None:
         return Client(flipped, honest.num_examples, honest.label_counts)
     raise ValueError(f"unknown attack {attack!r}")
 
@@ -245,9 +245,10 @@ def aggregate(
 
 
 def honest_clients(
-    scheme: str, clients: int, alpha: float, seed: int, epochs: int
-) -> tuple[list[Client], list[dict[str, torch.Tensor]], Callable, tuple, tuple]:
-    """K honest clients trained from one shared initial model, and each one's label-flipped twin."""
+    scheme: str, clients: int, alpha: float, seed: int, epochs: int, twins: bool
+) -> tuple[list[Client], list[dict[str, torch.Tensor] | None], Callable, tuple, tuple]:
+    """K honest clients trained from one shared initial model, and (with ``twins``) each one's
+    label-flipped twin, trained the same way on the same data with every label y turned into y + 1."""
     split = federated_split("digits", None, calibration_size=200, evaluation_size=400, seed=seed)
     data = split.data
     parts = split.client_indices(scheme, clients, seed, alpha=alpha if scheme == "dirichlet" else None)
@@ -282,7 +283,7 @@ def run_attacks(args: argparse.Namespace) -> list[dict[str, Any]]:
     for scheme in args.partitionings.split(","):
         for clients, bad in args.settings:
             honest, flipped, model_fn, calibration, evaluation = honest_clients(
-                scheme, clients, args.alpha, args.seed, args.epochs
+                scheme, clients, args.alpha, args.seed, args.epochs, twins="label-flip" in args.attacks
             )
             bad_slots = list(range(clients - bad, clients))
             bad_nodes = [node_id(slot) for slot in bad_slots]
