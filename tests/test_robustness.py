@@ -112,6 +112,28 @@ def test_an_honest_specialist_that_knows_two_of_the_three_classes_is_not_screene
     assert not any("screened out" in w for w in warnings_of(flwr_log))
 
 
+def test_an_honest_client_that_saw_one_class_and_predicts_it_for_every_input_is_not_screened_out(
+    calibration, client_states, flwr_log
+):
+    x, y = blobs(200, seed=301)
+    one_class = trained_on(x[y == 0], y[y == 0], seed=7)
+    (figures,) = measure(
+        [_model(one_class)], [BAD], CalibrationSet(calibration, 64), CLASSES, ScreeningRule()
+    )
+    assert figures.accuracy == pytest.approx(float((calibration[1] == 0).float().mean()))  # always class 0
+    assert figures.competence > 0.5  # yet its probability of class 0 is highest on class 0's samples
+
+    strategy = FedFuse(make_net, calibration, fusion_config=FusionConfig(seed=0))
+    _, metrics = strategy.aggregate_train(1, [*honest_replies(client_states), reply(BAD, one_class)])
+    assert metrics["fusion-screened-out"] == 0 and metrics["fusion-clients"] == 4
+
+
+def _model(state: dict[str, torch.Tensor]) -> nn.Module:
+    model = make_net()
+    model.load_state_dict(state)
+    return model
+
+
 def test_informedness_is_zero_for_a_model_that_ignores_its_input_whatever_class_it_favours(calibration):
     constant = make_net()
     with torch.no_grad():
@@ -177,7 +199,7 @@ def _engine_failing_with(is_culprit):
 def test_without_screening_a_failure_is_retried_without_the_clients_the_rule_flags_and_they_are_named(
     calibration, client_states, monkeypatch, flwr_log
 ):
-    huge = lambda model: float(model[0].weight.abs().max()) > 1e6  # noqa: E731
+    huge = lambda model: float(model[0].weight.detach().abs().max()) > 1e6  # noqa: E731
     monkeypatch.setattr(fedfuse_module, "fuse", _engine_failing_with(huge))
     strategy = FedFuse(make_net, calibration, screening=None)
 

@@ -10,13 +10,15 @@ The rule, per client, on the calibration set:
 
 1. **Finite activations.** Every module's output must be finite on every calibration input; a model that
    overflows (weights x1e20 in float32) would put NaN into every fit.
-2. **Competence above chance.** For each class c, the client's *informedness*
-   ``J_c = P(predicts c | class c) - P(predicts c | another class)`` (Youden's J: 1 for a perfect
-   detector of c, 0 for any prediction that ignores the input, constant or random, whatever its class
+2. **Competence above chance.** For each class c, the client's *informedness* ``J_c = 2 AUC_c - 1``,
+   where ``AUC_c`` is the probability that the model gives class c a higher probability on a sample of
+   class c than on a sample of another class (Youden's J averaged over thresholds: 1 for a perfect
+   detector of c, 0 for any output that ignores the input, constant or random, whatever its class
    prior). The client's competence is the mean of its ``competent_classes`` best ``J_c``: a specialist
-   is judged on the classes it knows, so knowing 2 or 3 classes well passes, as it should. Random
-   weights and a model trained on permuted labels are near or below 0 there (the latter is right on no
-   class). The client is left out below ``min_competence``.
+   is judged on the classes it knows, so knowing one or two classes passes, as it should, even for a
+   client that predicts its one class for every input. A model trained on permuted labels is at or
+   below 0 (its probability of c tracks another class). The client is left out below
+   ``min_competence``.
 3. **Output scale in line.** The root mean square of the client's logits must not exceed
    ``max_scale_ratio`` times the reference scale: the lower median of the clients' scales (the lower of
    the two middle values, so that with two clients the larger, not both, is out of line, and any
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from fedfuse.fusion.calibration import CalibrationSet
@@ -75,7 +78,8 @@ class ClientFigures:
         finite: every module's output was finite on every calibration input.
         loss: mean cross-entropy on the labelled samples, in nats (NaN without labels or if not finite).
         accuracy: share of the labelled samples predicted right (NaN without labels).
-        informedness: ``[C]`` per-class J (NaN for a class the calibration set lacks, or without labels).
+        informedness: ``[C]`` per-class ``2 AUC - 1`` (NaN for a class the calibration set lacks, or
+            without labels).
         competence: mean of the ``competent_classes`` largest ``J_c`` (NaN without labels).
         logit_scale: root mean square of the logits (inf if not finite).
     """
@@ -195,8 +199,9 @@ def _measure_one(
         ):
             finite = False
 
-    # Confusion counts [true class, predicted class], the loss, and the logits' sum of squares.
-    confusion = torch.zeros(classes, classes, dtype=torch.float64)
+    # The labelled samples' log-probabilities (one model's [N, C] at a time), the loss, and the logits'
+    # sum of squares.
+    log_probabilities, all_labels = [], []
     loss, squares, samples = 0.0, 0.0, 0
     was_training = model.training
     hooks = [module.register_forward_hook(check) for module in model.modules()]
@@ -210,10 +215,8 @@ def _measure_one(
                 if labels is not None and finite:
                     labels = labels.cpu()
                     loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                    predicted = logits.argmax(1)
-                    confusion.index_put_(
-                        (labels, predicted), torch.ones(len(labels), dtype=torch.float64), True
-                    )
+                    log_probabilities.append(torch.log_softmax(logits, dim=1))
+                    all_labels.append(labels)
     finally:
         for hook in hooks:
             hook.remove()
@@ -222,30 +225,46 @@ def _measure_one(
         nan = float("nan")
         return ClientFigures(node_id, False, nan, nan, np.full(classes, nan), nan, float("inf"))
     scale = math.sqrt(squares / samples)
-    labelled = confusion.sum()
-    if not calibration.has_labels or labelled == 0:
+    if not all_labels:
         nan = float("nan")
         return ClientFigures(node_id, True, nan, nan, np.full(classes, nan), nan, scale)
-    informedness = _informedness(confusion)
+    scores, labels = torch.cat(log_probabilities).numpy(), torch.cat(all_labels).numpy()
+    informedness = _informedness(scores, labels)
     best = np.sort(informedness[np.isfinite(informedness)])[::-1][:competent_classes]
     return ClientFigures(
         node_id=node_id,
         finite=True,
-        loss=loss / float(labelled),
-        accuracy=float(confusion.diagonal().sum() / labelled),
+        loss=loss / len(labels),
+        accuracy=float((scores.argmax(1) == labels).mean()),
         informedness=informedness,
         competence=float(best.mean()) if len(best) else float("nan"),
         logit_scale=scale,
     )
 
 
-def _informedness(confusion: Tensor) -> np.ndarray:
-    """Per-class Youden's J from a confusion matrix ``[true, predicted]``: the true-positive rate minus
-    the false-positive rate of predicting c; NaN for a class without samples (or with no other class)."""
-    counts = confusion.sum(1)
-    predicted = confusion.sum(0)
-    hits = confusion.diagonal()
-    others = counts.sum() - counts
-    true_positive = torch.where(counts > 0, hits / counts.clamp_min(1), float("nan"))
-    false_positive = torch.where(others > 0, (predicted - hits) / others.clamp_min(1), float("nan"))
-    return (true_positive - false_positive).numpy()
+def _informedness(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class c, ``2 AUC - 1`` of the model's log-probability of c as a detector of class c.
+
+    AUC is the probability that a sample of class c gets a higher score than a sample of another class
+    (ties count half), so ``2 AUC - 1`` is Youden's J averaged over every threshold: 0 for a score that
+    ignores the input, 1 for perfect separation, below 0 for a detector of something else. Ranking, not
+    the argmax, is what makes a specialist competent: a client that saw one class predicts it for every
+    input, yet its probability of that class is still higher on that class's samples.
+
+    Args:
+        scores: ``[N, C]`` log-probabilities of the labelled calibration samples.
+        labels: ``[N]`` their classes.
+
+    Returns:
+        ``[C]``, NaN for a class without samples or without samples of other classes.
+    """
+    informedness = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        positive = labels == c
+        positives, negatives = int(positive.sum()), int((~positive).sum())
+        if positives == 0 or negatives == 0:
+            continue
+        ranks = rankdata(scores[:, c])  # average ranks: ties count half
+        auc = (ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+        informedness[c] = 2 * auc - 1
+    return informedness
