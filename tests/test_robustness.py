@@ -146,7 +146,7 @@ def test_informedness_is_zero_for_a_model_that_ignores_its_input_whatever_class_
 
 
 def _figures(node: int, scale: float, competence: float = 0.9) -> ClientFigures:
-    return ClientFigures(node, True, 0.5, 0.9, np.full(3, competence), competence, scale)
+    return ClientFigures(node, True, 0.5, 0.9, np.full(3, competence), np.ones(3), competence, scale)
 
 
 def test_the_scale_reference_is_the_lower_median_so_of_two_clients_only_the_inflated_one_is_out_of_line():
@@ -165,6 +165,7 @@ def test_honest_clients_within_the_scale_ratio_and_small_scales_are_kept():
     [
         ({"min_competence": 1.5}, "min_competence"),
         ({"competent_classes": 0}, "competent_classes"),
+        ({"min_recall": 0.0}, "min_recall"),
         ({"max_scale_ratio": 1.0}, "max_scale_ratio"),
     ],
 )

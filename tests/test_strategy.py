@@ -150,7 +150,9 @@ def test_summary_logs_the_fusion_configuration_and_then_fedavgs(strategy, flwr_l
     assert "120 labelled inputs" in text
     assert "grouping (kmeans)" in text and "importance (uniform)" in text
     assert "Parent weights: calibration" in text
-    assert "Screening: competence >= 0.15 on the 2 best classes, logit scale <= 10 x the median" in text
+    assert (
+        "Screening: competence >= 0.2 (best 1 class, recall >= 0.5), logit scale <= 10 x the median" in text
+    )
     assert "Minimum nodes: train (2)" in text  # FedAvg's part follows
 
 

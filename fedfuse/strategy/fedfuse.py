@@ -231,7 +231,8 @@ class FedFuse(FedAvg):
             "\t│\t├── Screening: %s | claim cap: %g x the median claim",
             "off"
             if rule is None
-            else f"competence >= {rule.min_competence:g} on the {rule.competent_classes} best classes, "
+            else f"competence >= {rule.min_competence:g} (best {rule.competent_classes} "
+            f"class{'es' if rule.competent_classes > 1 else ''}, recall >= {rule.min_recall:g}), "
             f"logit scale <= {rule.max_scale_ratio:g} x the median",
             self.claim_cap,
         )

@@ -10,15 +10,17 @@ The rule, per client, on the calibration set:
 
 1. **Finite activations.** Every module's output must be finite on every calibration input; a model that
    overflows (weights x1e20 in float32) would put NaN into every fit.
-2. **Competence above chance.** For each class c, the client's *informedness* ``J_c = 2 AUC_c - 1``,
-   where ``AUC_c`` is the probability that the model gives class c a higher probability on a sample of
-   class c than on a sample of another class (Youden's J averaged over thresholds: 1 for a perfect
-   detector of c, 0 for any output that ignores the input, constant or random, whatever its class
-   prior). The client's competence is the mean of its ``competent_classes`` best ``J_c``: a specialist
-   is judged on the classes it knows, so knowing one or two classes passes, as it should, even for a
-   client that predicts its one class for every input. A model trained on permuted labels is at or
-   below 0 (its probability of c tracks another class). The client is left out below
-   ``min_competence``.
+2. **Competence above chance on some class.** A client is competent on class c when it *predicts* c
+   for most of class c's samples (``recall_c >= min_recall``) and *ranks* them first: its competence on
+   c is then ``J_c = 2 AUC_c - 1``, where ``AUC_c`` is the probability that the model gives class c a
+   higher probability on a sample of class c than on a sample of another class (ties half; Youden's J
+   averaged over thresholds: 0 for any output that ignores the input, 1 for perfect separation). On a
+   class it does not predict for most of its samples, its competence is at most 0 (chance). The
+   client's competence is the mean over its ``competent_classes`` best classes: a specialist is judged on
+   the classes it knows, so one that saw a single class and predicts it for every input passes (its
+   probability of that class is still highest on that class's samples), as it should. A model trained
+   on permuted labels ranks, but predicts no class right; a constant model predicts one class, but
+   ranks at chance. The client is left out below ``min_competence``.
 3. **Output scale in line.** The root mean square of the client's logits must not exceed
    ``max_scale_ratio`` times the reference scale: the lower median of the clients' scales (the lower of
    the two middle values, so that with two clients the larger, not both, is out of line, and any
@@ -48,21 +50,27 @@ class ScreeningRule:
     """The thresholds of the screening rule (see the module's docstring).
 
     Attributes:
-        min_competence: the least mean informedness over a client's best classes, in [-1, 1]; 0 is
-            chance. Measured (docs/flower.md): honest clients of Dirichlet 0.1 partitions score 0.5 to
-            0.96 (0.19 for one of 27 digits examples); random or sign-flipped weights 0 to 0.1, the
-            most a useless model reaches by luck on 20 calibration samples a class.
+        min_competence: the least competence (``J_c`` on a client's best classes), in [-1, 1]; 0 is
+            chance. Measured (docs/benchmarks.md): honest MNIST clients of Dirichlet 0.1 to 0.5
+            partitions score 0.29 at the lowest (a client that saw one class); label-flipped models 0
+            or below, unless they are specialists, which are indistinguishable from honest specialists
+            of the shifted classes.
+        min_recall: the share of a class's samples a client must predict as that class for its ranking
+            of the class to count, in (0, 1].
         competent_classes: how many of its best classes a client is judged on (at least 1).
         max_scale_ratio: how many times the reference scale a client's logits may reach (more than 1).
     """
 
-    min_competence: float = 0.15
-    competent_classes: int = 2
+    min_competence: float = 0.2
+    min_recall: float = 0.5
+    competent_classes: int = 1
     max_scale_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_competence <= 1.0:
             raise ValueError(f"min_competence must lie in [-1, 1], got {self.min_competence}")
+        if not 0.0 < self.min_recall <= 1.0:
+            raise ValueError(f"min_recall must lie in (0, 1], got {self.min_recall}")
         if not isinstance(self.competent_classes, int) or self.competent_classes < 1:
             raise ValueError(f"competent_classes must be a positive int, got {self.competent_classes!r}")
         if not self.max_scale_ratio > 1.0 or not math.isfinite(self.max_scale_ratio):
@@ -78,9 +86,11 @@ class ClientFigures:
         finite: every module's output was finite on every calibration input.
         loss: mean cross-entropy on the labelled samples, in nats (NaN without labels or if not finite).
         accuracy: share of the labelled samples predicted right (NaN without labels).
-        informedness: ``[C]`` per-class ``2 AUC - 1`` (NaN for a class the calibration set lacks, or
-            without labels).
-        competence: mean of the ``competent_classes`` largest ``J_c`` (NaN without labels).
+        informedness: ``[C]`` per-class ``J_c = 2 AUC_c - 1`` (NaN for a class the calibration set lacks,
+            or without labels).
+        recall: ``[C]`` per-class share of the class's samples predicted as that class (NaN likewise).
+        competence: mean of the ``competent_classes`` largest per-class competences: ``J_c`` where
+            ``recall_c >= min_recall``, else ``min(J_c, 0)`` (NaN without labels).
         logit_scale: root mean square of the logits (inf if not finite).
     """
 
@@ -89,6 +99,7 @@ class ClientFigures:
     loss: float
     accuracy: float
     informedness: np.ndarray
+    recall: np.ndarray
     competence: float
     logit_scale: float
 
@@ -151,10 +162,10 @@ def measure(
         node_ids: the clients' node ids, one per model.
         calibration: the server's calibration set, with or without labels.
         classes: the models' number of outputs.
-        rule: its ``competent_classes`` says how many best classes make the competence.
+        rule: its ``min_recall`` and ``competent_classes`` define the competence.
     """
     return [
-        _measure_one(model, node, calibration, classes, rule.competent_classes)
+        _measure_one(model, node, calibration, classes, rule)
         for model, node in zip(models, node_ids, strict=True)
     ]
 
@@ -170,7 +181,9 @@ def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
         elif math.isfinite(figure.competence) and figure.competence < rule.min_competence:
             reasons.append(
                 f"no better than chance on the calibration set: competence {figure.competence:.3f} "
-                f"(mean informedness of its {rule.competent_classes} best classes) is below "
+                f"(ranking informedness on its {rule.competent_classes} best "
+                f"class{'es' if rule.competent_classes > 1 else ''} among those it predicts for at least "
+                f"{rule.min_recall:.0%} of their samples) is below "
                 f"{rule.min_competence:g}; {figure.describe()}"
             )
         elif figure.logit_scale > rule.max_scale_ratio * reference:
@@ -185,7 +198,7 @@ def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
 
 
 def _measure_one(
-    model: nn.Module, node_id: int, calibration: CalibrationSet, classes: int, competent_classes: int
+    model: nn.Module, node_id: int, calibration: CalibrationSet, classes: int, rule: ScreeningRule
 ) -> ClientFigures:
     parameter = next(model.parameters())
     finite = True
@@ -223,20 +236,30 @@ def _measure_one(
         model.train(was_training)
     if not finite or not math.isfinite(squares):
         nan = float("nan")
-        return ClientFigures(node_id, False, nan, nan, np.full(classes, nan), nan, float("inf"))
+        return ClientFigures(
+            node_id, False, nan, nan, np.full(classes, nan), np.full(classes, nan), nan, float("inf")
+        )
     scale = math.sqrt(squares / samples)
     if not all_labels:
         nan = float("nan")
-        return ClientFigures(node_id, True, nan, nan, np.full(classes, nan), nan, scale)
+        return ClientFigures(
+            node_id, True, nan, nan, np.full(classes, nan), np.full(classes, nan), nan, scale
+        )
     scores, labels = torch.cat(log_probabilities).numpy(), torch.cat(all_labels).numpy()
     informedness = _informedness(scores, labels)
-    best = np.sort(informedness[np.isfinite(informedness)])[::-1][:competent_classes]
+    predicted = scores.argmax(1)
+    recall = np.array(
+        [(predicted[labels == c] == c).mean() if (labels == c).any() else np.nan for c in range(classes)]
+    )
+    per_class = np.where(recall >= rule.min_recall, informedness, np.minimum(informedness, 0.0))
+    best = np.sort(per_class[np.isfinite(per_class)])[::-1][: rule.competent_classes]
     return ClientFigures(
         node_id=node_id,
         finite=True,
         loss=loss / len(labels),
-        accuracy=float((scores.argmax(1) == labels).mean()),
+        accuracy=float((predicted == labels).mean()),
         informedness=informedness,
+        recall=recall,
         competence=float(best.mean()) if len(best) else float("nan"),
         logit_scale=scale,
     )
