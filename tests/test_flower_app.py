@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import tomli
 import torch
-from fedfuse_app.server_app import build_strategy
+from fedfuse_app.server_app import build_strategy, trained_rounds
 from fedfuse_app.task import RunSettings, client_partition, model_factory, split_for
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedfuse import FedFuse
 from simulations.flower_processes import APP_DIR, flwr_run, simulation_superlink
@@ -208,3 +209,45 @@ def test_flwr_run_with_strategy_fedavg_averages_the_same_federation(fedfuse_run,
     )
     assert fedavg_run["final"]["accuracy"] > 0.5
     assert np.isfinite(fedavg_run["final"]["loss"])
+
+
+# --- a run that trains nothing fails loudly --------------------------------------------------------------
+
+
+def _result(train_metrics: dict[int, dict]) -> Result:
+    return Result(
+        arrays=ArrayRecord(),
+        train_metrics_clientapp={r: MetricRecord(m) for r, m in train_metrics.items()},
+    )
+
+
+def test_the_trained_rounds_are_those_whose_fusion_did_not_fail_or_that_fedavg_aggregated():
+    assert trained_rounds(_result({1: {"fusion-failed": 1}, 2: {"fusion-failed": 0}})) == [2]
+    assert trained_rounds(_result({1: {"train_loss": 0.3}})) == [1]  # FedAvg: a round it aggregated
+    assert trained_rounds(_result({})) == []
+
+
+def test_a_run_in_which_no_round_produced_a_model_fails_loudly_and_saves_no_model(
+    tmp_path, monkeypatch, caplog
+):
+    """A federation whose every node is lost: the app raises (the run fails) and writes no model.pt."""
+    from unittest.mock import Mock
+
+    from fedfuse_app import server_app
+    from flwr.app import Context, RecordDict
+
+    failed = _result({1: {"fusion-failed": 1, "fusion-clients": 0}})
+    monkeypatch.setattr(FedFuse, "start", lambda self, **kwargs: failed)
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=app_config(**{"output-dir": str(tmp_path)}),
+    )
+    with pytest.raises(server_app.NoModelTrained, match="no round of 1 produced a fedfuse model"):
+        server_app.main(Mock(), context)
+    assert not (tmp_path / "model.pt").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trained_rounds"] == [] and metrics["model_path"] is None
+    assert any(r.levelname == "ERROR" and "no round of 1" in r.getMessage() for r in caplog.records)

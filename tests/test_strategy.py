@@ -150,6 +150,9 @@ def test_summary_logs_the_fusion_configuration_and_then_fedavgs(strategy, flwr_l
     assert "120 labelled inputs" in text
     assert "grouping (kmeans)" in text and "importance (uniform)" in text
     assert "Parent weights: calibration" in text
+    assert (
+        "Screening: competence >= 0.2 (best 1 class, recall >= 0.5), logit scale <= 10 x the median" in text
+    )
     assert "Minimum nodes: train (2)" in text  # FedAvg's part follows
 
 
@@ -216,8 +219,10 @@ def test_with_parent_weights_num_examples_each_client_is_weighted_by_its_claim(
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     (call,) = calls
+    # In proportion to the claims (scaled so that the largest is 1; none is above the cap)
     parents = {values(m.state_dict()): w for m, w in zip(call["models"], call["weights"], strict=True)}
-    assert parents == {values(s): w for s, w in zip(client_states, [10.0, 50.0, 40.0], strict=True)}
+    expected = {values(s): w / 50 for s, w in zip(client_states, [10.0, 50.0, 40.0], strict=True)}
+    assert parents == pytest.approx(expected)
 
 
 def test_the_metrics_report_clients_fused_and_rejected_fusion_seconds_fit_quality_and_client_metrics(
@@ -291,7 +296,9 @@ def test_label_counts_reported_by_every_client_weight_the_output_layer_per_class
     rows = {
         values(m.state_dict()): row.tolist() for m, row in zip(call["models"], call["weights"], strict=True)
     }
-    assert rows == {values(s): [float(n) for n in c] for s, c in zip(client_states, counts, strict=True)}
+    expected = {values(s): [n / 100 for n in c] for s, c in zip(client_states, counts, strict=True)}
+    assert rows.keys() == expected.keys()  # the counts, scaled so that the largest total is 1
+    assert all(rows[key] == pytest.approx(expected[key]) for key in rows)
     assert "label-counts" not in metrics  # served the fusion; a mean of counts would mean nothing
 
 
@@ -306,9 +313,12 @@ def test_label_counts_from_only_some_clients_fall_back_to_num_examples_with_a_wa
     ]
     _, metrics = strategy.aggregate_train(1, replies)
 
-    assert sorted(calls[0]["weights"]) == [40.0, 60.0]
+    assert sorted(calls[0]["weights"]) == pytest.approx([40 / 60, 1.0])
     assert metrics["fusion-clients"] == 2
-    assert any("'label-counts' is not reported alike" in w for w in warnings_of(flwr_log))
+    assert any(
+        "'label-counts' is not reported by every client (missing from nodes 2)" in w
+        for w in warnings_of(flwr_log)
+    )
 
 
 # --- faults: the bad client is left out, the rest are fused ------------------------------------------
@@ -424,7 +434,7 @@ def test_no_replies_at_all_keep_the_previous_model(strategy, flwr_log):
     arrays, metrics = strategy.aggregate_train(1, [])
     assert arrays is None
     assert metrics["fusion-clients"] == 0 and metrics["fusion-rejected"] == 0
-    assert any("0 valid replies" in w for w in warnings_of(flwr_log))
+    assert any("0 clients left to fuse" in w for w in warnings_of(flwr_log))
 
 
 def test_an_engine_error_keeps_the_previous_model_with_a_warning_instead_of_raising(
@@ -438,7 +448,10 @@ def test_an_engine_error_keeps_the_previous_model_with_a_warning_instead_of_rais
 
     assert arrays is None
     assert metrics["fusion-clients"] == 0
-    assert any("fusing 2 clients failed (ValueError: parent 1" in w for w in warnings_of(flwr_log))
+    assert metrics["fusion-failures"] == 1 and metrics["fusion-failed"] == 1
+    warnings = warnings_of(flwr_log)
+    assert any("fusing 2 clients (nodes 1, 2) failed (ValueError: parent 1" in w for w in warnings)
+    assert any("the fusion engine failed" in w and "keeping the previous global model" in w for w in warnings)
 
 
 def test_a_fusion_past_its_timeout_is_abandoned_and_the_previous_model_kept(
@@ -663,7 +676,8 @@ def test_an_untraceable_model_is_refused_up_front_and_fused_with_the_levels_it_i
     x, y = torch.randn(120, 8), torch.randint(0, 3, (120,))
     with pytest.raises(TypeError, match="cannot be traced"):
         FedFuse(model_fn=DataDependent, calibration=(x, y))
-    strategy = FedFuse(model_fn=DataDependent, calibration=(x, y), levels=["fc", "head"])
+    # Untrained models are no better than chance: screening would leave them out.
+    strategy = FedFuse(model_fn=DataDependent, calibration=(x, y), levels=["fc", "head"], screening=None)
     states = []
     for seed in (1, 2):
         torch.manual_seed(seed)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -21,13 +22,17 @@ from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from fedfuse.fusion import FusionConfig, FusionResult, LevelPlan, LevelSpec, check_fusable, fuse
+from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.strategy.claims import cap_claims
 from fedfuse.strategy.replies import (
     ArraySpec,
     InvalidReply,
     TrainReply,
     array_specs,
     check_train_reply,
+    node_of,
 )
+from fedfuse.strategy.screening import Screening, ScreeningRule, measure, screen
 
 #: How the fusion weights the clients: measured by the server, or as the clients claim.
 PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
@@ -57,10 +62,12 @@ class FedFuse(FedAvg):
 
     A bad reply (an error, no or several ArrayRecords, missing or extra keys, wrong shape or dtype,
     NaN/Inf, a missing or non-positive ``num-examples``, malformed label counts) leaves that client out
-    with a warning naming its node id and the reason. With fewer valid clients than
-    ``min_train_nodes``, or when fusion fails or times out, the round keeps the previous global model
-    with one warning saying why: ``aggregate_train`` returns that model's arrays again, so ``start()``'s
-    ``Result.arrays`` always holds a usable model. Nothing raises out of ``start()``.
+    with a warning naming its node id and the reason; so does a model the screening finds useless or out
+    of line on the calibration set. A fusion that fails is retried without the client behind it, which
+    is named. With fewer clients left than ``min_train_nodes``, or when the engine fails on every subset
+    tried or times out, the round keeps the previous global model with one warning saying why:
+    ``aggregate_train`` returns that model's arrays again, so ``start()``'s ``Result.arrays`` always
+    holds a usable model. Nothing raises out of ``start()``.
 
     Parameters
     ----------
@@ -83,6 +90,13 @@ class FedFuse(FedAvg):
         claim counts. ``"num-examples"``: by the claimed ``weighted_by_key``. ``"label-counts"``: per class
         by the claimed label counts under ``label_counts_key``, when every client sends them alike, else by
         ``weighted_by_key``.
+    screening : ScreeningRule or None (default: ScreeningRule())
+        Every valid client's model is tested on the calibration set before fusing, and one that is useless
+        or out of line with the rest is left out, named with its figures (`fedfuse.strategy.screening`).
+        None fuses every valid reply (a failed fusion is still retried without its culprit).
+    claim_cap : float (default: 4.0)
+        With claimed weights, a client's total claim counts for at most this many times the round's
+        median claim (`fedfuse.strategy.claims`).
     label_counts_key : str (default: "label-counts")
         The opt-in MetricRecord key under which clients may report per-class example counts (a list
         of length num_classes), read with ``parent_weights="label-counts"``.
@@ -108,6 +122,8 @@ class FedFuse(FedAvg):
         levels: Sequence[LevelSpec | str] | None = None,
         parent_weights: str = "calibration",
         label_counts_key: str = "label-counts",
+        screening: ScreeningRule | None = ScreeningRule(),  # noqa: B008  (frozen, so safe to share)
+        claim_cap: float = 4.0,
         fusion_timeout: float | None = 3600.0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -134,6 +150,10 @@ class FedFuse(FedAvg):
                 f"parent_weights must be one of {', '.join(map(repr, PARENT_WEIGHTS))}, "
                 f"got {parent_weights!r}"
             )
+        if screening is not None and not isinstance(screening, ScreeningRule):
+            raise TypeError(f"screening must be a ScreeningRule or None, got {type(screening).__name__}")
+        if not claim_cap >= 1 or not np.isfinite(claim_cap):
+            raise ValueError(f"claim_cap must be a finite number of at least 1, got {claim_cap}")
         if fusion_timeout is not None and not fusion_timeout > 0:
             raise ValueError(
                 f"fusion_timeout must be a positive number of seconds or None, got {fusion_timeout}"
@@ -156,12 +176,18 @@ class FedFuse(FedAvg):
         self.levels = None if levels is None else list(levels)
         self.parent_weights = parent_weights
         self.label_counts_key = label_counts_key
+        self.screening = screening
+        self.claim_cap = claim_cap
         self.fusion_timeout = fusion_timeout
         self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
         # The global model sent out by the last configure_train: replies must match its keys, shapes
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None
         self._global: ArrayRecord | None = None
+        # The instructions of the last configure_train (the grid gives them their ids as it sends them):
+        # an error reply Flower generates in a node's place comes from the SuperLink, and only the
+        # instruction it answers says which node it is about.
+        self._instructions: list[Message] = []
         self._rounds: int | None = None  # set while start() runs
 
     def summary(self) -> None:
@@ -199,6 +225,17 @@ class FedFuse(FedAvg):
             self.parent_weights,
             f" (key '{self.label_counts_key}')" if self.parent_weights == "label-counts" else "",
         )
+        rule = self.screening
+        log(
+            INFO,
+            "\t│\t├── Screening: %s | claim cap: %g x the median claim",
+            "off"
+            if rule is None
+            else f"competence >= {rule.min_competence:g} (best {rule.competent_classes} "
+            f"class{'es' if rule.competent_classes > 1 else ''}, recall >= {rule.min_recall:g}), "
+            f"logit scale <= {rule.max_scale_ratio:g} x the median",
+            self.claim_cap,
+        )
         log(
             INFO,
             "\t│\t└── Fusion timeout: %s",
@@ -221,81 +258,54 @@ class FedFuse(FedAvg):
         """Configure the next round of training, as FedAvg does; remember the model sent out."""
         self._sent = array_specs(arrays)
         self._global = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        self._instructions = list(super().configure_train(server_round, arrays, config, grid))
+        return self._instructions
 
     def aggregate_train(
         self,
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fuse the valid replies' models; leave out bad replies; return the previous model on failure."""
+        """Check the replies, screen their models on the calibration set, fuse the rest.
+
+        A bad reply or a screened-out model leaves that client out, named; a fusion that fails is retried
+        without the client behind it (`_fuse_robustly`). When nothing can be fused, the previous global
+        model is returned, so that ``Result.arrays`` always holds a usable model.
+        """
         replies = list(replies)
-        reference = self._sent if self._sent is not None else self._model_fn_specs()
-        valid: list[TrainReply] = []
-        for message in replies:
-            try:
-                valid.append(
-                    check_train_reply(
-                        message,
-                        reference,
-                        weighted_by_key=self.weighted_by_key,
-                        label_counts_key=self.label_counts_key,
-                    )
-                )
-            except InvalidReply as error:
-                log(
-                    WARNING,
-                    "aggregate_train: node %s is left out: %s",
-                    message.metadata.src_node_id,
-                    error.reason,
-                )
-            except (
-                Exception
-            ) as error:  # e.g. neither content nor error: Flower's Message raises on reading it
-                log(
-                    WARNING,
-                    "aggregate_train: node %s is left out: unreadable reply (%s: %s)",
-                    message.metadata.src_node_id,
-                    type(error).__name__,
-                    error,
-                )
-        # No ordering here: the engine orders the parents by what they compute on the calibration set, so
-        # neither the replies' arrival order nor their node ids (new every run) change the fused model.
+        valid = self._valid_replies(replies)
         rejected = len(replies) - len(valid)
         log(INFO, "aggregate_train: Received %s valid results and %s rejected", len(valid), rejected)
 
         metrics = self._client_metrics(valid)
-        metrics["fusion-rejected"] = rejected
-        metrics["fusion-clients"] = 0
-        metrics["fusion-failed"] = 1
-        needed = max(1, self.min_train_nodes)
-        if len(valid) < needed:
+        metrics.update({"fusion-rejected": rejected, "fusion-screened-out": 0, "fusion-failures": 0})
+        metrics.update({"fusion-clients": 0, "fusion-failed": 1})
+        parents = [self._model(reply) for reply in valid]
+        if self.screening is not None and parents:
+            screening = self._screen(valid, parents)
+            left_out = set(screening.left_out)
+            metrics["fusion-screened-out"] = len(left_out)
+            metrics["fusion-screened-out-nodes"] = [valid[k].node_id for k in sorted(left_out)]
+            valid = [reply for k, reply in enumerate(valid) if k not in left_out]
+            parents = [model for k, model in enumerate(parents) if k not in left_out]
+        if len(valid) < self._needed:
             log(
                 WARNING,
-                "aggregate_train: %d valid replies, fewer than the %d needed (min_train_nodes); "
+                "aggregate_train: %d clients left to fuse, fewer than the %d needed (min_train_nodes); "
                 "keeping the previous global model",
                 len(valid),
-                needed,
+                self._needed,
             )
             return self._global, metrics
 
         started = time.perf_counter()
-        try:
-            result = self._fuse(valid, server_round)
-            arrays = _to_arrayrecord(result.model, reference)
-        except Exception as error:  # pylint: disable=broad-except
-            log(
-                WARNING,
-                "aggregate_train: fusing %d clients failed (%s: %s); keeping the previous global model",
-                len(valid),
-                type(error).__name__,
-                error,
-            )
-            metrics["fusion-seconds"] = time.perf_counter() - started
-            return self._global, metrics
-        metrics["fusion-clients"] = len(valid)
-        metrics["fusion-failed"] = 0
+        outcome = self._fuse_robustly(valid, parents, server_round, metrics)
         metrics["fusion-seconds"] = time.perf_counter() - started
+        if outcome is None:
+            return self._global, metrics
+        arrays, result, fused = outcome
+        metrics["fusion-clients"] = len(fused)
+        metrics["fusion-failed"] = 0
         metrics["fusion-mean-fit-r2"] = result.report.mean_fit_r2
         metrics["fusion-max-norm-ratio"] = max(
             (
@@ -309,11 +319,151 @@ class FedFuse(FedAvg):
         log(
             INFO,
             "aggregate_train: fused %d clients in %.2f s, mean fit R2 %.4f",
-            len(valid),
+            len(fused),
             metrics["fusion-seconds"],
             result.report.mean_fit_r2,
         )
         return arrays, metrics
+
+    @property
+    def _needed(self) -> int:
+        """The fewest clients a round fuses."""
+        return max(1, self.min_train_nodes)
+
+    def _valid_replies(self, replies: list[Message]) -> list[TrainReply]:
+        """The replies that pass `check_train_reply`; each other one is named in a warning and left out."""
+        reference = self._reference
+        recipients = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in self._instructions if m.metadata.message_id
+        }
+        valid: list[TrainReply] = []
+        for message in replies:
+            try:
+                node = node_of(message, recipients)
+            except Exception:  # pylint: disable=broad-except  # metadata Flower could not decode
+                node = -1
+            try:
+                valid.append(
+                    check_train_reply(
+                        message,
+                        reference,
+                        node_id=node,
+                        weighted_by_key=self.weighted_by_key,
+                        label_counts_key=self.label_counts_key,
+                        num_classes=self.plan.output_width,
+                    )
+                )
+            except InvalidReply as error:
+                log(WARNING, "aggregate_train: node %s is left out: %s", node, error.reason)
+            except Exception as error:  # pylint: disable=broad-except  # e.g. neither content nor error
+                log(
+                    WARNING,
+                    "aggregate_train: node %s is left out: unreadable reply (%s: %s)",
+                    node,
+                    type(error).__name__,
+                    error,
+                )
+        # No ordering here: the engine orders the parents by what they compute on the calibration set, so
+        # neither the replies' arrival order nor their node ids (new every run) change the fused model.
+        return valid
+
+    def _model(self, reply: TrainReply) -> nn.Module:
+        model = self.model_fn()
+        model.load_state_dict({key: torch.from_numpy(array) for key, array in reply.arrays.items()})
+        return model
+
+    def _screen(self, valid: list[TrainReply], parents: list[nn.Module]) -> Screening:
+        """Measure every client's model on the calibration set and apply the screening rule; name each
+        client left out, with its figures."""
+        rule = self.screening if self.screening is not None else ScreeningRule()
+        calibration = CalibrationSet(self.calibration, self.fusion_config.batch_size)
+        figures = measure(
+            parents, [reply.node_id for reply in valid], calibration, self.plan.output_width, rule
+        )
+        screening = screen(figures, rule)
+        for k in screening.left_out:
+            log(
+                WARNING,
+                "aggregate_train: node %s is screened out: %s",
+                valid[k].node_id,
+                screening.reasons[k],
+            )
+        return screening
+
+    def _fuse_robustly(
+        self,
+        valid: list[TrainReply],
+        parents: list[nn.Module],
+        server_round: int,
+        metrics: MetricRecord,
+    ) -> tuple[ArrayRecord, FusionResult, list[TrainReply]] | None:
+        """Fuse; if that fails, find the client behind the failure, name it and fuse without it.
+
+        The retries, each only while at least ``min_train_nodes`` clients remain: first without every
+        client the screening rule flags among these (it flags none when they were screened already);
+        then without one client at a time, the most suspect first (`Screening.suspicion_order`). The
+        first fusion that succeeds names the clients it left out as the cause. When every retry fails
+        too, the engine itself failed and None is returned (the caller keeps the previous model). A
+        timeout is not retried: it says the fusion is too slow, not which client is bad.
+        """
+        attempts: list[list[int]] = [list(range(len(valid)))]
+        tried = 0
+        while tried < len(attempts):
+            kept = attempts[tried]
+            tried += 1
+            try:
+                result = self._fuse([valid[k] for k in kept], [parents[k] for k in kept], server_round)
+                arrays = _to_arrayrecord(result.model, self._reference)
+            except Exception as error:  # pylint: disable=broad-except
+                metrics["fusion-failures"] = int(metrics["fusion-failures"]) + 1
+                log(
+                    WARNING,
+                    "aggregate_train: fusing %d clients (nodes %s) failed (%s: %s)",
+                    len(kept),
+                    ", ".join(str(valid[k].node_id) for k in kept),
+                    type(error).__name__,
+                    error,
+                )
+                log(DEBUG, "aggregate_train: the fusion's traceback:\n%s", traceback.format_exc())
+                if isinstance(error, TimeoutError):
+                    break
+                if tried == 1:
+                    attempts.extend(self._retries(valid, parents))
+                continue
+            culprits = [valid[k].node_id for k in range(len(valid)) if k not in kept]
+            if culprits:
+                log(
+                    WARNING,
+                    "aggregate_train: the fusion failed because of node%s %s; fused without %s",
+                    "s" if len(culprits) > 1 else "",
+                    ", ".join(map(str, culprits)),
+                    "them" if len(culprits) > 1 else "it",
+                )
+                metrics["fusion-failed-nodes"] = culprits
+            return arrays, result, [valid[k] for k in kept]
+        log(
+            WARNING,
+            "aggregate_train: the fusion engine failed on every subset of the %d clients tried; keeping the "
+            "previous global model",
+            len(valid),
+        )
+        return None
+
+    def _retries(self, valid: list[TrainReply], parents: list[nn.Module]) -> list[list[int]]:
+        """The subsets of clients to fuse after a failure, in order (see `_fuse_robustly`)."""
+        retries = []
+        screening = self._screen(valid, parents)
+        if screening.left_out and len(screening.kept) >= self._needed:
+            retries.append(screening.kept)
+        if len(valid) - 1 >= self._needed:
+            order = screening.suspicion_order()
+            retries.extend([k for k in range(len(valid)) if k != suspect] for suspect in order)
+        return retries
+
+    @property
+    def _reference(self) -> dict[str, ArraySpec]:
+        """What every reply must match, and the fused model is returned in: the model sent out."""
+        return self._sent if self._sent is not None else self._model_fn_specs()
 
     def _model_fn_specs(self) -> dict[str, ArraySpec]:
         """The reference when ``aggregate_train`` runs without ``configure_train`` (a custom loop)."""
@@ -338,14 +488,9 @@ class FedFuse(FedAvg):
         metrics.pop(self.label_counts_key, None)
         return metrics
 
-    def _fuse(self, valid: list[TrainReply], server_round: int) -> FusionResult:
-        """Build one model per client and fuse them, within ``fusion_timeout``. In a `start` run, a round
-        before the last fuses with ``sharpness_limit="parents"`` (its clients train from the result)."""
-        parents = []
-        for reply in valid:
-            model = self.model_fn()
-            model.load_state_dict({key: torch.from_numpy(array) for key, array in reply.arrays.items()})
-            parents.append(model)
+    def _fuse(self, valid: list[TrainReply], parents: list[nn.Module], server_round: int) -> FusionResult:
+        """Fuse the clients' models, within ``fusion_timeout``. In a `start` run, a round before the last
+        fuses with ``sharpness_limit="parents"`` (its clients train from the result)."""
         weights = self._weights(valid)
         config = self.fusion_config
         if self._rounds is not None and server_round < self._rounds:
@@ -358,30 +503,47 @@ class FedFuse(FedAvg):
             return fusion()
         return _call_with_timeout(fusion, self.fusion_timeout)
 
-    def _weights(self, valid: list[TrainReply]) -> list[float] | np.ndarray | None:
-        """None (the engine measures the parents on the calibration set), or the claimed counts: per-class
-        label counts ``[K, C]`` when every client sent them alike, else ``num-examples``."""
+    def _weights(self, valid: list[TrainReply]) -> np.ndarray | None:
+        """None (the engine measures the parents on the calibration set), or the claimed counts, capped
+        (`fedfuse.strategy.claims`): per-class label counts ``[K, C]`` when every client sent them,
+        else ``num-examples`` ``[K]``. Claimed example counts are cross-checked in every mode, so that a
+        client claiming far more than the others is named even when claims weight nothing."""
+        examples = self._capped(valid, np.array([reply.num_examples for reply in valid]), "examples")
         if self.parent_weights == "calibration":
             return None
         counts = [reply.label_counts for reply in valid]
         if self.parent_weights == "num-examples":
-            return [reply.num_examples for reply in valid]
-        if all(c is None for c in counts):
-            return [reply.num_examples for reply in valid]
-        if any(c is None for c in counts) or len({len(c) for c in counts}) != 1:
-            reported = {
-                reply.node_id: None if c is None else len(c) for reply, c in zip(valid, counts, strict=True)
-            }
+            return examples
+        if all(c is not None for c in counts):
+            return self._capped(valid, np.stack(counts), "labelled examples")
+        if any(c is not None for c in counts):
             log(
                 WARNING,
-                "aggregate_train: '%s' is not reported alike by every client (node: number of classes, "
-                "%s); weighting clients by '%s' instead",
+                "aggregate_train: '%s' is not reported by every client (missing from nodes %s); "
+                "weighting clients by '%s' instead",
                 self.label_counts_key,
-                reported,
+                ", ".join(str(r.node_id) for r, c in zip(valid, counts, strict=True) if c is None),
                 self.weighted_by_key,
             )
-            return [reply.num_examples for reply in valid]
-        return np.stack(counts)
+        return examples
+
+    def _capped(self, valid: list[TrainReply], claims: np.ndarray, what: str) -> np.ndarray:
+        """`cap_claims`, naming every client whose claim was capped."""
+        capped = cap_claims(claims, self.claim_cap)
+        for k in capped.capped:
+            log(
+                WARNING,
+                "aggregate_train: node %s claims %.3g %s, more than %g times the median claim (%.3g); %s",
+                valid[k].node_id,
+                float(claims[k].sum()),
+                what,
+                self.claim_cap,
+                capped.reference,
+                "claims weight nothing here (parent_weights='calibration')"
+                if self.parent_weights == "calibration"
+                else f"it counts as {self.claim_cap:g} times the median",
+            )
+        return capped.weights
 
 
 def _checked_plan(

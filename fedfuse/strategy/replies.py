@@ -60,20 +60,37 @@ def array_specs(record: ArrayRecord) -> dict[str, ArraySpec]:
     return {key: ArraySpec(tuple(array.shape), np.dtype(array.dtype)) for key, array in record.items()}
 
 
+def node_of(message: Message, recipients: Mapping[str, int]) -> int:
+    """The node a reply speaks for: the node the instruction it answers was sent to.
+
+    A reply a node sent comes from that node (``src_node_id``). A reply Flower generates in the node's
+    place (a dead node's "Node Unavailable", an expired message) comes from the SuperLink: Flower sets
+    both its ``src_node_id`` and its ``dst_node_id`` to the SuperLink's id (1). Only its
+    ``reply_to_message_id`` says which instruction, and so which node, it is about.
+
+    Args:
+        recipients: the ids of the instructions sent this round, mapped to the node each was sent to.
+    """
+    node = recipients.get(message.metadata.reply_to_message_id)
+    return int(message.metadata.src_node_id) if node is None else int(node)
+
+
 def check_train_reply(
     message: Message,
     reference: Mapping[str, ArraySpec],
     *,
+    node_id: int,
     weighted_by_key: str,
     label_counts_key: str,
+    num_classes: int | None = None,
 ) -> TrainReply:
     """Decode and check one training reply against the global model it was trained from.
 
     A reply is valid when it carries no error; exactly one ArrayRecord with exactly the reference's keys,
     each array decodable, of the reference's shape and dtype and finite; and exactly one MetricRecord
     with a positive, finite ``weighted_by_key``. ``label_counts_key`` is optional; when present it must
-    be a list of non-negative finite counts with a positive sum (its length is checked across clients by
-    the strategy, which knows them all).
+    be a list of non-negative finite counts with a positive sum, one per class when ``num_classes`` is
+    given (the model's outputs).
 
     Raises:
         InvalidReply: the first problem found, worded to follow "node <id> is left out: ".
@@ -84,10 +101,10 @@ def check_train_reply(
     arrays = _check_arrays(_only_record(content.array_records, "ArrayRecord"), reference)
     metrics = _only_record(content.metric_records, "MetricRecord")
     return TrainReply(
-        node_id=message.metadata.src_node_id,
+        node_id=node_id,
         arrays=arrays,
         num_examples=_check_num_examples(metrics, weighted_by_key),
-        label_counts=_check_label_counts(metrics, label_counts_key),
+        label_counts=_check_label_counts(metrics, label_counts_key, num_classes),
         content=content,
     )
 
@@ -134,7 +151,7 @@ def _check_num_examples(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
-def _check_label_counts(metrics: MetricRecord, key: str) -> np.ndarray | None:
+def _check_label_counts(metrics: MetricRecord, key: str, num_classes: int | None) -> np.ndarray | None:
     if key not in metrics:
         return None
     value = metrics[key]
@@ -149,6 +166,8 @@ def _check_label_counts(metrics: MetricRecord, key: str) -> np.ndarray | None:
         raise InvalidReply(
             f"'{key}' must be a list of non-negative finite counts with a positive sum, got {value!r}"
         )
+    if num_classes is not None and counts.size != num_classes:
+        raise InvalidReply(f"'{key}' must hold one count per class ({num_classes}), got {counts.size} counts")
     return counts
 
 

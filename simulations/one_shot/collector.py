@@ -15,8 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from fedfuse.strategy.replies import node_of
 
 
 class ClientCollector(FedAvg):
@@ -43,6 +46,15 @@ class ClientCollector(FedAvg):
         self.replies: list[Message] = []
         self.failures: list[str] = []
         self.aggregation_seconds = 0.0
+        self._instructions: list[Message] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As FedAvg; the instructions are kept, so that an error reply Flower sends in a node's place
+        (from the SuperLink) is named by the node it is about (`fedfuse.strategy.replies.node_of`)."""
+        self._instructions = list(super().configure_train(server_round, arrays, config, grid))
+        return self._instructions
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -51,9 +63,10 @@ class ClientCollector(FedAvg):
         order."""
         by_partition: dict[int, Message] = {}
         errors = []
+        recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in self._instructions}
         for reply in replies:
             if reply.has_error():
-                self.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                self.failures.append(f"node {node_of(reply, recipients)}: {reply.error.reason}")
                 errors.append(reply)
             else:
                 partition_id = int(reply.content["metrics"]["partition-id"])

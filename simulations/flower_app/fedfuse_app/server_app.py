@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
@@ -60,9 +60,32 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=settings.num_server_rounds,
         evaluate_fn=evaluate_fn,
     )
-    # Flower's Result holds an empty record when no round produced a model: the initial one stands.
-    final_arrays = result.arrays if len(result.arrays) else initial_arrays
-    save_outputs(output_dir, settings, context, final_arrays, result)
+    rounds = trained_rounds(result)
+    if not rounds:
+        # Never end quietly with the untrained initial model: no model.pt, a loud error, a failed run.
+        save_outputs(output_dir, settings, context, None, result)
+        message = (
+            f"no round of {settings.num_server_rounds} produced a {settings.strategy} model (too few valid "
+            "replies, or every fusion failed: see the warnings above); no model.pt was written, "
+            f"{output_dir / 'metrics.json'} says what each round did"
+        )
+        log(ERROR, "ServerApp: %s", message)
+        raise NoModelTrained(message)
+    save_outputs(output_dir, settings, context, result.arrays, result)
+
+
+class NoModelTrained(RuntimeError):
+    """No round of the run produced a new global model: the run fails rather than save the initial one."""
+
+
+def trained_rounds(result: Result) -> list[int]:
+    """The rounds that produced a new global model. FedFuse reports every round, with ``fusion-failed``
+    1 when it kept the previous model; FedAvg reports only the rounds it aggregated."""
+    return sorted(
+        round_
+        for round_, metrics in result.train_metrics_clientapp.items()
+        if not metrics.get("fusion-failed", 0)
+    )
 
 
 def build_strategy(
@@ -103,11 +126,13 @@ def output_folder(settings: RunSettings) -> Path:
 
 
 def save_outputs(
-    folder: Path, settings: RunSettings, context: Context, arrays: ArrayRecord, result: Result
+    folder: Path, settings: RunSettings, context: Context, arrays: ArrayRecord | None, result: Result
 ) -> None:
-    """``model.pt`` (the final global state_dict) and ``metrics.json`` (server-side scores per round)."""
-    model_path = folder / "model.pt"
-    torch.save(arrays.to_torch_state_dict(), model_path)
+    """``model.pt`` (the final global state_dict; none when ``arrays`` is None, as when no round trained)
+    and ``metrics.json`` (server-side scores per round, and which rounds produced a model)."""
+    model_path = folder / "model.pt" if arrays is not None else None
+    if arrays is not None:
+        torch.save(arrays.to_torch_state_dict(), model_path)
     server = {str(r): _plain(m) for r, m in sorted(result.evaluate_metrics_serverapp.items())}
     metrics = {
         "strategy": settings.strategy,
@@ -116,15 +141,15 @@ def save_outputs(
         "final": server[max(server, key=int)] if server else None,
         "server_evaluation": server,
         "train_metrics": {str(r): _plain(m) for r, m in sorted(result.train_metrics_clientapp.items())},
+        "trained_rounds": trained_rounds(result),
         "run_config": dict(context.run_config),
-        "model_path": str(model_path),
+        "model_path": None if model_path is None else str(model_path),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(
         INFO,
-        "Saved %s and %s; final server-side scores: %s",
-        model_path,
-        folder / "metrics.json",
+        "Saved %s; final server-side scores: %s",
+        " and ".join(str(path) for path in (model_path, folder / "metrics.json") if path is not None),
         metrics["final"],
     )
 
