@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.levels import Level, LevelPlan
-from fedfuse.fusion.reading import At, Reader
+from fedfuse.fusion.reading import CHECKPOINT_VALUES, At, Collected, Reader
 from fedfuse.fusion.targets import SpaceGrouping
 from fedfuse.fusion.weights import ParentWeights
 
@@ -78,6 +78,24 @@ class FusionContext:
         for reader, model in readers:
             batches = (inputs for inputs, _ in self.calibration.batches(self.device, self.dtype))
             reader.advance(model, level.input, batches)
+
+    def collecting(self, place: str) -> Collected | None:
+        """Something to collect the parents' values at ``place`` in over the coming pass, to become their
+        checkpoints (`keep`); None when the parents already stand there, or when the values would not fit
+        the checkpoint budget (so that collecting them never holds more than it)."""
+        if self.plan.graph is None or self.parent_reader.checkpoint(self.parents[0]) == place:
+            return None
+        example = self.calibration.example(self.device, self.dtype, size=1)
+        with torch.no_grad():
+            per_sample = self.parent_reader.read(self.parents[0], example, [place])[0][:1].numel()
+        fits = per_sample * len(self.parents) * self.calibration.num_samples <= CHECKPOINT_VALUES
+        return Collected() if fits else None
+
+    def keep(self, collected: Collected | None, place: str) -> None:
+        """Make the parents' values collected over a pass their checkpoints at ``place``."""
+        if collected is not None:
+            for parent in self.parents:
+                self.parent_reader.keep(parent, place, collected.batches(parent))
 
     def groups(self, space: str) -> int:
         """The fused neurons of a space."""

@@ -96,13 +96,18 @@ def _statistics(
     shares = grouping.shares.to(context.device).split(context.plan.spaces[level.space].width)
     places = [level.input, *level.residual]
     parents = len(context.parents)
+    collected = context.collecting(level.target)
     with torch.no_grad():
         for inputs, labels, at in context.chunks([*places, level.target]):
             fused_input, *terms = context.fused_reader.read(context.fused, inputs, places, at)
-            values = [
-                rows_of(context.parent_reader.read(parent, inputs, [level.target], at)[0], level.axis)
+            outputs = [
+                context.parent_reader.read(parent, inputs, [level.target], at)[0]
                 for parent in context.parents
             ]
+            if collected is not None:
+                for parent, output in zip(context.parents, outputs):
+                    collected.add(parent, at, output)
+            values = [rows_of(output, level.axis) for output in outputs]
             if direct:  # the classes: one row per sample
                 target = class_targets(direct, torch.cat(values, dim=1), labels, grouping, parents)
             else:  # Z·shares, parent by parent: never all K·n neuron values at once
@@ -111,4 +116,5 @@ def _statistics(
             if terms:
                 target = target - rows_of(torch.stack(terms).sum(0), level.axis).double()
             stats.add(layer_inputs(layer, fused_input), target)
+    context.keep(collected, level.target)
     return stats

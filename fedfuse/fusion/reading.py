@@ -76,11 +76,22 @@ class Reader:
                     return
         self._checkpoints[id(model)] = (place, kept)
 
-    def forget(self) -> None:
-        """Drop every checkpoint (their memory returns to the budget)."""
-        for _, values in self._checkpoints.values():
-            self._budget[0] += sum(value.numel() for value in values)
-        self._checkpoints.clear()
+    def checkpoint(self, model: nn.Module) -> str | None:
+        """The place ``model``'s checkpoint holds, if it has one."""
+        checkpoint = self._checkpoints.get(id(model))
+        return checkpoint[0] if checkpoint is not None else None
+
+    def keep(self, model: nn.Module, place: str, values: Sequence[Tensor]) -> None:
+        """Make ``values`` (``model``'s values at ``place``, one tensor per calibration batch, as a pass has
+        just computed them: `Collected`) its checkpoint, if they fit the budget; else keep the old one."""
+        if self.plan.graph is None:
+            return
+        old = self._checkpoints.get(id(model))
+        room = self._budget[0] + (sum(value.numel() for value in old[1]) if old is not None else 0)
+        size = sum(value.numel() for value in values)
+        if size <= room:
+            self._budget[0] = room - size
+            self._checkpoints[id(model)] = (place, list(values))
 
     def _read_from(
         self,
@@ -128,6 +139,21 @@ class Reader:
         piece = self._pieces[key]
         assert piece is not None
         return piece
+
+
+class Collected:
+    """Each model's values at one place over one pass, chunk by chunk, to become its checkpoint
+    (`Reader.keep`): a pass that computes a level's output anyway saves the next level running it again."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, dict[int, list[Tensor]]] = {}
+
+    def add(self, model: nn.Module, at: At, value: Tensor) -> None:
+        self._chunks.setdefault(id(model), {}).setdefault(at[0], []).append(value)
+
+    def batches(self, model: nn.Module) -> list[Tensor]:
+        """The values, one tensor per calibration batch, in order."""
+        return [torch.cat(chunks) for _, chunks in sorted(self._chunks[id(model)].items())]
 
 
 class _Caught(Exception):

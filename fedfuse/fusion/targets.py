@@ -76,13 +76,18 @@ def measure_points(space: Space, context: FusionContext) -> list[NeuronEmbedding
         for index in range(len(space.points))
     ]
     places = [point.place for point in space.points]
+    collected = context.collecting(places[0]) if len(places) == 1 else None
     with torch.no_grad():
         for inputs, _, at in context.chunks(places):
             values = [context.parent_reader.read(parent, inputs, places, at) for parent in context.parents]
+            if collected is not None:
+                for parent, value in zip(context.parents, values):
+                    collected.add(parent, at, value[0])
             for index, (embedding, point) in enumerate(zip(embeddings, space.points)):
                 embedding.add(
                     torch.cat([rows_of(parent[index], point.axis) for parent in values], dim=1), len(inputs)
                 )
+    context.keep(collected, places[0])
     return embeddings
 
 
