@@ -53,19 +53,17 @@ class FusionContext:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""
         return next(other for other in self.fused_plan.levels if other.name == level.name)
 
-    def chunks(
-        self, places: Sequence[str], copies: int | None = None
-    ) -> Iterator[tuple[Tensor, Tensor | None, At]]:
-        """The calibration batches, split so that ``copies`` models' values at ``places`` on one chunk (every
-        parent's by default) number at most `CHUNK_VALUES` (a convolution has a value per position): a
-        level's pass then holds O(CHUNK_VALUES) values at a time, whatever K and the batch size. Each chunk
-        comes with where it lies (`fedfuse.fusion.reading.At`), for reads from a checkpoint."""
+    def chunks(self, places: Sequence[str]) -> Iterator[tuple[Tensor, Tensor | None, At]]:
+        """The calibration batches, split so that every parent's values at ``places`` on one chunk number at
+        most `CHUNK_VALUES` (a convolution has a value per position): a level's pass then holds
+        O(CHUNK_VALUES) values at a time, whatever K and the batch size. Each chunk comes with where it
+        lies (`fedfuse.fusion.reading.At`), for reads from a checkpoint."""
         example = self.calibration.example(self.device, self.dtype, size=1)
         with torch.no_grad():
             per_sample = sum(
                 value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
             )
-        samples = max(1, CHUNK_VALUES // max(1, per_sample * (copies or len(self.parents))))
+        samples = max(1, CHUNK_VALUES // max(1, per_sample * len(self.parents)))
         for index, (inputs, labels) in enumerate(self.calibration.batches(self.device, self.dtype)):
             for start in range(0, len(inputs), samples):
                 chunk = slice(start, start + samples)

@@ -98,9 +98,7 @@ def _statistics(
     parents = len(context.parents)
     collected = context.collecting(level.target)
     with torch.no_grad():
-        # The targets are mixed parent by parent: a chunk holds the fused model's values and one parent's at
-        # a time (and a convolution's patches, a few times its input), not all K parents'.
-        for inputs, labels, at in context.chunks([*places, level.target], copies=4):
+        for inputs, labels, at in context.chunks([*places, level.target]):
             fused_input, *terms = context.fused_reader.read(context.fused, inputs, places, at)
             outputs = [
                 context.parent_reader.read(parent, inputs, [level.target], at)[0]
