@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from fedfuse.fusion.levels import Level, LevelPlan
 from fedfuse.fusion.tracing import input_node, runnable, subgraph, tapped
 
-#: The most values (float32: 4 bytes each) all checkpoints of one fusion hold together: 512 MiB.
-CHECKPOINT_VALUES = 1 << 27
+#: The most values (float32: 4 bytes each) all checkpoints of one fusion hold together: 256 MiB.
+CHECKPOINT_VALUES = 1 << 26
 
 #: Where a chunk of calibration samples lies: (batch index, slice of the batch).
 At = tuple[int, slice]
