@@ -23,24 +23,6 @@ if TYPE_CHECKING:
     )
     from fedfuse.strategy import FedFuse
 
-#: Where each public name lives; loaded on first use (PEP 562): ``import fedfuse`` costs nothing, the
-#: engine loads PyTorch when first asked for, and ``FedFuse`` loads Flower.
-_SOURCES = {
-    "FedFuse": "fedfuse.strategy",
-    **{
-        name: "fedfuse.fusion"
-        for name in (
-            "FusionConfig",
-            "FusionReport",
-            "FusionResult",
-            "LevelPlan",
-            "LevelReport",
-            "LevelSpec",
-            "describe_levels",
-            "fuse",
-        )
-    },
-}
 __all__ = [
     "FedFuse",
     "FusionConfig",
@@ -52,6 +34,9 @@ __all__ = [
     "describe_levels",
     "fuse",
 ]
+#: Where each public name lives; loaded on first use (PEP 562): ``import fedfuse`` costs nothing, the
+#: engine loads PyTorch when first asked for, and ``FedFuse`` loads Flower.
+_SOURCES = {name: "fedfuse.strategy" if name == "FedFuse" else "fedfuse.fusion" for name in __all__}
 __version__ = "0.1.0"
 
 
