@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
@@ -18,6 +20,7 @@ def train(
     batch_size: int = 32,
     seed: int,
     weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
     progress: bool = False,
     description: str = "",
 ) -> None:
@@ -33,6 +36,11 @@ def train(
     initial weights give the same trained weights on CPU. A final batch of one example is merged
     into the previous batch, since BatchNorm cannot train on a single example.
 
+    With ``proximal_mu`` > 0 the loss gains FedProx's proximal term (Li et al. 2020),
+    mu/2 · ||w − w_global||² over the trainable parameters, w_global being the weights the model
+    holds when training starts (the global model a client received): a FedProx client's local
+    objective, which keeps non-IID clients from drifting far from the global model.
+
     Args:
         model: the model; left in training mode.
         x: inputs [N, ...] (images [N, C, H, W] for the zoo).
@@ -42,6 +50,7 @@ def train(
         batch_size: examples per step.
         seed: seeds shuffling and dropout.
         weight_decay: Adam's L2 penalty.
+        proximal_mu: FedProx's mu; 0 (the default) leaves the loss plain cross-entropy.
         progress: show a tqdm bar over epochs with the running loss.
         description: the bar's label (e.g. ``"client 3"``).
     """
@@ -51,9 +60,12 @@ def train(
         )
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"train needs epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if not proximal_mu >= 0:  # also refuses NaN
+        raise ValueError(f"train needs proximal_mu >= 0, got {proximal_mu}")
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    proximal = _proximal_term(model) if proximal_mu > 0 else None
     shuffler = torch.Generator().manual_seed(seed)
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -66,10 +78,22 @@ def train(
             for batch in _batches(len(x), batch_size, shuffler):
                 optimizer.zero_grad()
                 loss = loss_fn(model(x[batch].to(device)), y[batch].to(device))
+                if proximal is not None:
+                    loss = loss + proximal_mu / 2 * proximal()
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(batch)
             bar.set_postfix(loss=f"{total / len(x):.4f}", refresh=False)
+
+
+def _proximal_term(model: nn.Module) -> Callable[[], torch.Tensor]:
+    """||w − w₀||² over ``model``'s trainable parameters, w₀ their values now (detached copies)."""
+    anchored = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term() -> torch.Tensor:
+        return sum(((p - p0) ** 2).sum() for p, p0 in anchored)
+
+    return term
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -66,6 +68,34 @@ def test_train_rejects_mismatched_inputs_and_labels(digits_split) -> None:
     model = build_model("mlp", in_channels=1, image_size=8, num_classes=10)
     with pytest.raises(ValueError, match="10 inputs, 9 labels"):
         train(model, x[:10], y[:9], epochs=1, seed=0)
+
+
+def test_fedproxs_proximal_term_keeps_the_weights_near_where_training_started(digits_split) -> None:
+    x, y, _, _ = digits_split
+    start = build_model("mlp", in_channels=1, image_size=8, num_classes=10, seed=0)
+    anchor = weights(start)
+
+    def distance(mu: float) -> float:
+        model = copy.deepcopy(start)
+        train(model, x[:300], y[:300], epochs=3, seed=0, proximal_mu=mu)
+        return float((weights(model) - anchor).norm())
+
+    plain, pulled, strong = distance(0.0), distance(0.1), distance(10.0)
+    assert strong < pulled < plain
+    assert strong < 0.5 * plain  # a strong pull keeps the model close, not merely a little closer
+
+
+def test_a_zero_proximal_mu_is_plain_training_and_a_negative_one_is_refused(digits_split) -> None:
+    x, y, _, _ = digits_split
+
+    def trained(**extra: float) -> torch.Tensor:
+        model = build_model("mlp", in_channels=1, image_size=8, num_classes=10, seed=0)
+        train(model, x[:100], y[:100], epochs=1, seed=0, **extra)
+        return weights(model)
+
+    assert torch.equal(trained(), trained(proximal_mu=0.0))
+    with pytest.raises(ValueError, match="proximal_mu >= 0"):
+        trained(proximal_mu=-1.0)
 
 
 def test_predict_returns_logits_in_eval_mode_and_restores_the_mode(digits_split) -> None:
