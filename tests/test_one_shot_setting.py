@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from simulations.one_shot.setting import FEDAVG_ROUNDS, ONE_SHOT, Setting
+from simulations.one_shot.setting import ONE_SHOT, ROUNDS, Setting
 
 
 def test_a_setting_survives_the_trip_to_the_clients_as_json() -> None:
@@ -45,8 +45,8 @@ def test_fedavg_rounds_share_the_one_shot_epochs_and_only_the_one_shot_round_may
     None
 ):
     setting = Setting(init="independent", epochs=12, fedavg_rounds=4)
-    assert setting.local_epochs(ONE_SHOT) == 12 and setting.local_epochs(FEDAVG_ROUNDS) == 3
-    assert setting.starts_independently(ONE_SHOT) and not setting.starts_independently(FEDAVG_ROUNDS)
+    assert setting.local_epochs(ONE_SHOT) == 12 and setting.local_epochs(ROUNDS) == 3
+    assert setting.starts_independently(ONE_SHOT) and not setting.starts_independently(ROUNDS)
     assert not Setting(init="shared").starts_independently(ONE_SHOT)
 
 
@@ -57,7 +57,7 @@ def test_every_random_choice_gets_its_own_seed_and_the_same_seed_gives_the_same_
             *(setting.client_init_seed(k) for k in range(3)),
             *(
                 setting.training_seed(phase, r, k)
-                for phase in (ONE_SHOT, FEDAVG_ROUNDS)
+                for phase in (ONE_SHOT, ROUNDS)
                 for r in (1, 2)
                 for k in range(3)
             ),

@@ -20,7 +20,11 @@ strategies aggregate the very same replies (faked ``Message``\\ s, as Flower's o
 FedFuse with screening (the default), FedFuse without screening (``screening=None``), FedFuse weighting by
 the claimed label counts (capped), and Flower's ``FedAvg``, ``FedMedian``, ``FedTrimmedAvg`` (beta 0.2)
 and ``Krum`` (told the true number of bad clients) from ``flwr.serverapp.strategy``, called as Flower calls
-them (``aggregate_train``). "honest only" is each strategy on the K - b honest clients alone. Accuracy is
+them (``aggregate_train``). Flower's ``FedProx`` has no row: its ``aggregate_train`` is FedAvg's, unchanged
+(its proximal term acts only in the clients' local training, which is over before the attack), so on these
+replies it would repeat the FedAvg row number for number; FedProx over several rounds, where its term does
+act, runs in the harness (``python -m simulations.one_shot --fedavg-rounds R --methods flwr-fedprox``).
+"honest only" is each strategy on the K - b honest clients alone. Accuracy is
 on the server's held-out evaluation set; "failed" is a round that returned no model, "error" one that
 raised. For FedFuse the table also says whether every bad node was named in a warning.
 

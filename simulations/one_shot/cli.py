@@ -155,14 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="peer methods run on the same client models, comma-separated: Git Re-Basin, OT fusion, "
         "RegMean, distillation and Flower's strategies (`simulations.baselines.PEER_METHODS`; a wrong "
-        "name lists them; default: none)",
+        "name lists them; default: none); with --fedavg-rounds R, each Flower strategy (flwr-*) also "
+        "runs its own R rounds",
     )
     methods.add_argument(
         "--fedavg-rounds",
         type=int,
         default=0,
         metavar="R",
-        help="also run FedAvg for R rounds of epochs/R local epochs from the shared init (default: off)",
+        help="also run the multi-round references, each R rounds of epochs/R local epochs from the shared "
+        "init: FedAvg, and every Flower strategy (flwr-*) in --methods, FedProx's proximal term acting "
+        "in the clients' training (default: off)",
     )
     methods.add_argument(
         "--no-central", action="store_true", help="skip central training on the pooled client data"

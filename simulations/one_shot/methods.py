@@ -7,8 +7,9 @@ strategies, each on the same client models and calibration set), the clients'
 ensembles (K models at inference: logits or softmax averaged uniformly, or per class with the weights
 FedFuse measures on the calibration set, and stacked on the calibration labels;
 `simulations.baselines.ENSEMBLES`), the best of them (the fair bar: none has more information than
-FedFuse), and optionally FedAvg over R rounds with the same total local epochs and central training on
-the pooled client data (the ceiling).
+FedFuse), and optionally the multi-round references (FedAvg over R rounds with the same total local
+epochs, and each Flower strategy asked for over the same R rounds: ``"flwr-fedprox 5 rounds"``) and
+central training on the pooled client data (the ceiling).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch import nn
 
 from fedfuse import FusionConfig, describe_levels, fuse
 from simulations.baselines import PEER_METHODS, PeerInputs, ensemble_predictions, run_peer
-from simulations.federation import FederatedSplit, model_builder
+from simulations.baselines.flower_strategies import FLOWER_STRATEGIES
+from simulations.federation import FederatedSplit
 from simulations.one_shot.flower_training import FlowerTraining
 from simulations.one_shot.setting import FUSION_WEIGHTS, Setting
 from simulations.training import classification_scores, evaluate, train
@@ -44,7 +46,9 @@ class MethodOptions:
         importances: FedFuse importance methods (`fedfuse.fusion.config.IMPORTANCES`).
         fusion_weights: one of `FUSION_WEIGHTS`.
         central: also train one model on the pooled client data.
-        peers: peer methods run on the same client models (`simulations.baselines.PEER_METHODS`).
+        peers: peer methods run on the same client models (`simulations.baselines.PEER_METHODS`). The
+            Flower strategies among them also run the multi-round setting when the setting has rounds
+            (`round_strategies`).
     """
 
     variants: tuple[str, ...]
@@ -52,6 +56,11 @@ class MethodOptions:
     fusion_weights: str = "calibration"
     central: bool = True
     peers: tuple[str, ...] = ()
+
+    @property
+    def round_strategies(self) -> tuple[str, ...]:
+        """The Flower strategies asked for (``flwr-*``), each also run for the setting's R rounds."""
+        return tuple(name for name in self.peers if name in FLOWER_STRATEGIES)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.peers if name not in PEER_METHODS]
@@ -112,7 +121,7 @@ def compare(
         split: the data and the server's calibration and evaluation sets.
         clients: the K clients' index arrays into ``split.data`` (for central training).
         label_counts: int [K, C], the clients' label histogram (FedFuse's per-class weights).
-        trained: the client models and FedAvg's, from `train_in_flower`.
+        trained: the client models, FedAvg's and the multi-round references', from `train_in_flower`.
         build: builds the setting's model; ``seed=`` fixes its init.
         options: which FedFuse runs and references.
         progress: show the fusion's and central training's progress bars.
@@ -164,6 +173,8 @@ def compare(
     rows += ensembles + [replace(max(ensembles, key=lambda row: row.accuracy), method="best ensemble")]
     if trained.fedavg_rounds is not None:
         rows.append(score(f"fedavg {setting.fedavg_rounds} rounds", trained.fedavg_rounds))
+    for name, model in trained.strategy_rounds.items():
+        rows.append(score(f"{name} {setting.fedavg_rounds} rounds", model))
     if options.central:
         rows.append(score("central", _train_central(setting, split, clients, build, progress)))
     return Comparison(rows, reports)
@@ -176,7 +187,7 @@ def check_fusable(setting: Setting, split: FederatedSplit, options: MethodOption
     Raises:
         ValueError: naming the variant and the model, with the engine's reason.
     """
-    model = model_builder(setting.model, split.data)(seed=setting.client_init_seed(0))
+    model = setting.model_builder(split.data)(seed=setting.client_init_seed(0))
     plan = describe_levels(model, split.data.subset(split.calibration[:_CHECK_EXAMPLES]).x)
     for variant in options.variants:
         try:

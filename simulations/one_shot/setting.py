@@ -17,6 +17,11 @@ from simulations.dataset_names import DATASET_NAMES, SPLITS
 from simulations.partitioning import check_scheme
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+    from simulations.datasets import Dataset
     from simulations.federation import FederatedSplit
 
 INITS = ("shared", "independent")
@@ -29,10 +34,17 @@ PARTITIONING_NAMES = {
     "pathological": "pathological",
     "quantity-skew": "quantity skew",
 }
-#: The two Flower training phases: the one-shot round whose client models are compared, and the
-#: optional multi-round FedAvg reference.
-ONE_SHOT, FEDAVG_ROUNDS = "one-shot", "fedavg-rounds"
-PHASES = (ONE_SHOT, FEDAVG_ROUNDS)
+#: The two kinds of Flower training phase: the one-shot round whose client models are compared, and the
+#: multi-round references (R rounds from the shared init, one phase per strategy: the harness's FedAvg
+#: and each Flower strategy named in ``--methods``). A training message names its phase and its strategy
+#: (`STRATEGY_KEY`); the phase decides the client's local epochs, its start and its seeds.
+ONE_SHOT, ROUNDS = "one-shot", "rounds"
+PHASES = (ONE_SHOT, ROUNDS)
+#: The keys of a training message's ConfigRecord that say what it is for.
+SETTING_KEY, PHASE_KEY, STRATEGY_KEY = "setting", "phase", "strategy"
+#: The strategy of the one-shot round and of the first multi-round reference: the harness's own FedAvg
+#: (`simulations.one_shot.collector.ClientCollector`).
+HARNESS_FEDAVG = "fedavg"
 
 # First entries of the keys that `Setting.derived_seed` spawns, one per kind of random choice.
 _SHARED_INIT, _CLIENT_INIT, _TRAINING, _CENTRAL = range(4)
@@ -58,8 +70,9 @@ class Setting:
         evaluation_size: held-out examples nobody trains or fuses on; None for a fifth of the data.
         epochs: local epochs of the one-shot round, and of central training on the pooled data.
         lr, batch_size: Adam's learning rate and the batch size (`simulations.training.train`).
-        fedavg_rounds: R of the multi-round FedAvg reference (R rounds of epochs / R local epochs,
-            from the shared init); 0 for none.
+        fedavg_rounds: R of the multi-round references (R rounds of epochs / R local epochs, from the
+            shared init): FedAvg, and every Flower strategy the run names; 0 for none. (The name
+            predates the other strategies; it stays, as ``--fedavg-rounds`` does.)
         threads: torch CPU threads of every process (the harness and each ClientApp).
     """
 
@@ -110,8 +123,8 @@ class Setting:
             raise ValueError(f"Setting.lr must be > 0, got {self.lr}")
         if self.fedavg_rounds and self.epochs % self.fedavg_rounds:
             raise ValueError(
-                f"FedAvg over {self.fedavg_rounds} rounds must share the {self.epochs} local epochs evenly "
-                f"(epochs / rounds local epochs a round): choose rounds that divide the epochs"
+                f"the multi-round references' {self.fedavg_rounds} rounds must share the {self.epochs} local "
+                "epochs evenly (epochs / rounds local epochs a round): choose rounds that divide the epochs"
             )
 
     def to_json(self) -> str:
@@ -153,6 +166,13 @@ class Setting:
             split=self.split,
         )
 
+    def model_builder(self, data: Dataset) -> Callable[..., nn.Module]:
+        """A builder of the setting's model for ``data`` (`simulations.federation.model_builder`);
+        ``seed=`` fixes its init. Server and clients build through it, so their models match."""
+        from simulations.federation import model_builder  # loads PyTorch
+
+        return model_builder(self.model, data)
+
     def client_indices(self, split: FederatedSplit) -> list[np.ndarray]:
         """The K clients' shares of ``split``'s pool, index arrays into ``split.data``, in partition order."""
         return split.client_indices(
@@ -164,12 +184,13 @@ class Setting:
         )
 
     def local_epochs(self, phase: str) -> int:
-        """Local epochs a round: ``epochs`` one-shot, ``epochs / fedavg_rounds`` in the FedAvg reference."""
-        return self.epochs if phase == ONE_SHOT else self.epochs // self.fedavg_rounds
+        """Local epochs a round: ``epochs`` one-shot, ``epochs / fedavg_rounds`` in a multi-round reference
+        (every reference trains as long in all as the one-shot clients)."""
+        return self.epochs if _checked(phase) == ONE_SHOT else self.epochs // self.fedavg_rounds
 
     def starts_independently(self, phase: str) -> bool:
         """Whether a client ignores the global model it receives and starts from its own init."""
-        return phase == ONE_SHOT and self.init == "independent"
+        return _checked(phase) == ONE_SHOT and self.init == "independent"
 
     def shared_init_seed(self) -> int:
         """Seeds the global initial model the server sends (and central training's start)."""
@@ -180,8 +201,13 @@ class Setting:
         return self.derived_seed(_CLIENT_INIT, partition_id)
 
     def training_seed(self, phase: str, server_round: int, partition_id: int) -> int:
-        """Seeds a client's shuffling and dropout in one round of one phase."""
-        return self.derived_seed(_TRAINING, PHASES.index(phase), server_round, partition_id)
+        """Seeds a client's shuffling and dropout in one round of one phase.
+
+        The strategy is not part of the key: in round r every multi-round reference's client p shuffles
+        alike, so that two references differ by their strategy alone (FedProx's proximal term, FedMedian's
+        median), not by the luck of their batches.
+        """
+        return self.derived_seed(_TRAINING, PHASES.index(_checked(phase)), server_round, partition_id)
 
     def central_seed(self) -> int:
         """Seeds central training's shuffling and dropout."""
@@ -191,3 +217,9 @@ class Setting:
         """A 32-bit seed for the random choice named by ``key``: ``numpy``'s SeedSequence spawned from
         ``seed`` with that key, so that choices are independent of one another and of their order."""
         return int(np.random.SeedSequence(self.seed, spawn_key=key).generate_state(1)[0])
+
+
+def _checked(phase: str) -> str:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(map(repr, PHASES))}")
+    return phase

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from simulations.federation import model_builder
 from simulations.one_shot.flower_training import train_in_flower
 from simulations.one_shot.methods import Comparison, MethodOptions, compare
 from simulations.one_shot.setting import Setting
@@ -49,8 +48,10 @@ def run_setting(
     split = setting.federated_split()
     clients = setting.client_indices(split)
     label_counts = label_histogram(split.data.y.numpy(), clients, split.data.num_classes)
-    build = model_builder(setting.model, split.data)
-    trained = train_in_flower(setting, build, progress=progress, flower_logs=flower_logs)
+    build = setting.model_builder(split.data)
+    trained = train_in_flower(
+        setting, build, strategies=options.round_strategies, progress=progress, flower_logs=flower_logs
+    )
     comparison = compare(setting, split, clients, label_counts, trained, build, options, progress=progress)
     return SettingResult(
         setting=setting,
