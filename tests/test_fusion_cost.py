@@ -1,8 +1,11 @@
-"""What a fusion costs: each model runs once per level from a checkpoint, and nothing changes for it."""
+"""What a fusion costs: each model runs once per level from a checkpoint, residual blocks included, and
+nothing changes for it."""
 
 from __future__ import annotations
 
 import importlib
+import operator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,23 +13,28 @@ from torch import nn
 
 from fedfuse import FusionConfig, fuse
 from fedfuse.fusion.reading import CHECKPOINT_VALUES
-from tests.user_models import QuickstartNet
+from tests.user_models import QuickstartNet, SmallResNet
 
 # The module, not the function `fedfuse.fusion.fuse` that the package exports under the same name.
 fuse_module = importlib.import_module("fedfuse.fusion.fuse")
 
 
-def _first_layer_calls(
-    parents: list[nn.Module], budget: int, monkeypatch: pytest.MonkeyPatch
+def _calls(
+    parents: list[nn.Module],
+    layer: Callable[[nn.Module], nn.Module],
+    budget: int,
+    monkeypatch: pytest.MonkeyPatch,
+    calibration: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[int, nn.Module]:
+    """How often ``layer`` of the parents runs in one fusion with checkpoints of ``budget`` values."""
     calls = [0]
 
     def count(*_: object) -> None:
         calls[0] += 1
 
-    handles = [parent.conv1.register_forward_hook(count) for parent in parents]  # copied with the parents
+    handles = [layer(parent).register_forward_hook(count) for parent in parents]  # copied with the parents
     monkeypatch.setattr(fuse_module, "CHECKPOINT_VALUES", budget)
-    fused = fuse(parents, (INPUTS, LABELS), FusionConfig(batch_size=64)).model
+    fused = fuse(parents, calibration, FusionConfig(batch_size=64)).model
     for handle in handles:
         handle.remove()
     return calls[0], fused
@@ -41,8 +49,25 @@ def test_checkpoints_run_the_first_layer_once_per_level_and_fuse_the_same_model(
     for seed in range(3):
         torch.manual_seed(seed)
         parents.append(QuickstartNet().eval())
-    from_input, fused_from_input = _first_layer_calls(parents, 0, monkeypatch)
-    checkpointed, fused = _first_layer_calls(parents, CHECKPOINT_VALUES, monkeypatch)
+    first = operator.attrgetter("conv1")
+    from_input, fused_from_input = _calls(parents, first, 0, monkeypatch, (INPUTS, LABELS))
+    checkpointed, fused = _calls(parents, first, CHECKPOINT_VALUES, monkeypatch, (INPUTS, LABELS))
     assert checkpointed < from_input / 2  # 5 levels: the first layer no longer runs for every one
     with torch.no_grad():
         assert torch.equal(fused(INPUTS), fused_from_input(INPUTS))
+
+
+def test_inside_a_residual_block_checkpoints_keep_the_block_input_for_the_shortcut(monkeypatch) -> None:
+    # A checkpoint at the block's second conv holds the block's input too (the shortcut needs it), so
+    # the block's later levels and its stream's grouping do not run the block's first conv again.
+    parents = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        parents.append(SmallResNet().eval())
+    calibration = (INPUTS[:, :1, :16, :16], LABELS)
+    block_conv = operator.attrgetter("layer2.0.conv1")
+    from_input, fused_from_input = _calls(parents, block_conv, 0, monkeypatch, calibration)
+    checkpointed, fused = _calls(parents, block_conv, CHECKPOINT_VALUES, monkeypatch, calibration)
+    assert checkpointed < from_input / 3
+    with torch.no_grad():
+        assert torch.equal(fused(calibration[0]), fused_from_input(calibration[0]))

@@ -83,7 +83,7 @@ class FusionContext:
         """Something to collect the parents' values at ``place`` in over the coming pass, to become their
         checkpoints (`keep`); None when the parents already stand there, or when the values would not fit
         the checkpoint budget (so that collecting them never holds more than it)."""
-        if self.plan.graph is None or self.parent_reader.checkpoint(self.parents[0]) == place:
+        if self.plan.graph is None or place in self.parent_reader.cut(self.parents[0]):
             return None
         example = self.calibration.example(self.device, self.dtype, size=1)
         with torch.no_grad():

@@ -6,24 +6,27 @@ smallest piece of the graph that computes the places asked for (`fedfuse.fusion.
 nothing past them is computed. For a model that declares its levels, a place is a declared module's input
 or output, caught by a hook that stops the forward pass once everything asked for is caught.
 
-Checkpoints keep a traced model from running from its input at every level: `Reader.advance` keeps a
-model's values at one place (the next level's input) for every calibration batch, computed from the
-previous checkpoint, and a read whose places the checkpoint closes off (every path from the input to
-them passes through it: `fedfuse.fusion.tracing.subgraph` accepts the cut) runs from there. Each model
+Checkpoints keep a traced model from running from its input at every level: `Reader.advance` keeps, for
+every calibration batch, a model's values at the cut of one place (the next level's input, and what
+later nodes still need from before it, such as a residual block's input: `fedfuse.fusion.tracing.cut_at`),
+computed from the previous checkpoint, and a read whose places the cut closes off (every path from the
+input to them passes through it: `fedfuse.fusion.tracing.subgraph` accepts it) runs from there. Each model
 then runs once per level rather than from the input, the forward work growing with the depth rather than
-its square. Checkpoints hold at most `CHECKPOINT_VALUES` values over all models; past that, reads run
-from the input as before, so memory stays bounded whatever K and the calibration set's size.
+its square, inside residual blocks too. Checkpoints hold at most `CHECKPOINT_VALUES` values over all
+models; past that, reads run from the input as before, so memory stays bounded whatever K and the
+calibration set's size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.levels import Level, LevelPlan
-from fedfuse.fusion.tracing import input_node, runnable, subgraph, tapped
+from fedfuse.fusion.tracing import cut_at, input_node, runnable, subgraph, tapped
 
 #: The most values (float32: 4 bytes each) all checkpoints of one fusion hold together: 256 MiB.
 CHECKPOINT_VALUES = 1 << 26
@@ -32,13 +35,26 @@ CHECKPOINT_VALUES = 1 << 26
 At = tuple[int, slice]
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A model's values at the cut of ``place`` (``cut``: node names), per calibration batch, per node."""
+
+    place: str
+    cut: tuple[str, ...]
+    batches: list[list[Tensor]]
+
+    @property
+    def size(self) -> int:
+        return sum(value.numel() for values in self.batches for value in values)
+
+
 class Reader:
     """Reads places of models that share one `LevelPlan`'s architecture (the parents, the fused model)."""
 
     def __init__(self, plan: LevelPlan, budget: list[int] | None = None) -> None:
         self.plan = plan
         self._pieces: dict[tuple[int, tuple[str, ...], tuple[str, ...]], nn.Module | None] = {}
-        self._checkpoints: dict[int, tuple[str, list[Tensor]]] = {}
+        self._checkpoints: dict[int, _Checkpoint] = {}
         self._budget = budget if budget is not None else [CHECKPOINT_VALUES]  # shared by a fusion's readers
 
     def read(
@@ -48,71 +64,87 @@ class Reader:
         the calibration set, when given, which lets a checkpoint stand in for the first part of the model."""
         if self.plan.graph is None:
             return _read_with_hooks(model, inputs, places)
-        graph = self.plan.graph
         checkpoint = self._checkpoints.get(id(model)) if at is not None else None
-        piece = self._closed(model, checkpoint[0], places) if checkpoint is not None else None
+        piece = self._closed(model, checkpoint.cut, places) if checkpoint is not None else None
         if piece is not None and checkpoint is not None and at is not None:
-            values = piece(checkpoint[1][at[0]][at[1]])
+            values = piece(*(value[at[1]] for value in checkpoint.batches[at[0]]))
         else:
-            values = self._piece(model, (input_node(graph),), tuple(places))(inputs)
+            values = self._piece(model, (input_node(self.plan.graph),), tuple(places))(inputs)
         return [values] if len(places) == 1 else list(values)
 
     def advance(self, model: nn.Module, place: str, batches: Iterable[Tensor]) -> None:
-        """Keep ``model``'s values at ``place`` for each calibration batch (computed from its checkpoint where
-        that closes ``place`` off), in place of its checkpoint, while all checkpoints fit the budget."""
+        """Keep ``model``'s values at the cut of ``place`` for each calibration batch (computed from its
+        checkpoint where that closes the cut off), in place of its checkpoint, while all checkpoints fit
+        the budget and the cut holds only tensors of the batch's samples (not, say, a size)."""
         if self.plan.graph is None:
+            return
+        if place in self.cut(model):  # e.g. a shortcut's input, kept since its block began
             return
         old = self._checkpoints.pop(id(model), None)
         if old is not None:
-            self._budget[0] += sum(value.numel() for value in old[1])
-        kept: list[Tensor] = []
+            self._budget[0] += old.size
+        cut = cut_at(self.plan.graph, place)
+        kept = _Checkpoint(place, cut, [])
         with torch.no_grad():
             for index, inputs in enumerate(batches):
-                value = self._read_from(model, old, inputs, place, index)
-                self._budget[0] -= value.numel()
-                kept.append(value)
-                if self._budget[0] < 0:
-                    self._budget[0] += sum(value.numel() for value in kept)
+                values = self._read_from(model, old, inputs, cut, index)
+                if not all(isinstance(v, Tensor) and v.dim() and len(v) == len(inputs) for v in values):
+                    self._budget[0] += kept.size
                     return
-        self._checkpoints[id(model)] = (place, kept)
+                kept.batches.append(values)
+                self._budget[0] -= sum(value.numel() for value in values)
+                if self._budget[0] < 0:
+                    self._budget[0] += kept.size
+                    return
+        self._checkpoints[id(model)] = kept
 
-    def checkpoint(self, model: nn.Module) -> str | None:
-        """The place ``model``'s checkpoint holds, if it has one."""
+    def cut(self, model: nn.Module) -> tuple[str, ...]:
+        """The places ``model``'s checkpoint holds (none without one)."""
         checkpoint = self._checkpoints.get(id(model))
-        return checkpoint[0] if checkpoint is not None else None
+        return checkpoint.cut if checkpoint is not None else ()
 
     def keep(self, model: nn.Module, place: str, values: Sequence[Tensor]) -> None:
         """Make ``values`` (``model``'s values at ``place``, one tensor per calibration batch, as a pass has
-        just computed them: `Collected`) its checkpoint, if they fit the budget; else keep the old one."""
+        just computed them: `Collected`) with the rest of ``place``'s cut, taken from the old checkpoint,
+        its checkpoint, if the old one holds that rest and all fit the budget; else keep the old one."""
         if self.plan.graph is None:
             return
         old = self._checkpoints.get(id(model))
-        room = self._budget[0] + (sum(value.numel() for value in old[1]) if old is not None else 0)
-        size = sum(value.numel() for value in values)
-        if size <= room:
-            self._budget[0] = room - size
-            self._checkpoints[id(model)] = (place, list(values))
+        held = dict(zip(old.cut, zip(*old.batches))) if old is not None else {}
+        cut = cut_at(self.plan.graph, place)
+        if any(node != place and node not in held for node in cut):
+            return
+        batches = [
+            [value if node == place else held[node][index] for node in cut]
+            for index, value in enumerate(values)
+        ]
+        kept = _Checkpoint(place, cut, batches)
+        room = self._budget[0] + (old.size if old is not None else 0)
+        if kept.size <= room:
+            self._budget[0] = room - kept.size
+            self._checkpoints[id(model)] = kept
 
     def _read_from(
         self,
         model: nn.Module,
-        checkpoint: tuple[str, list[Tensor]] | None,
+        checkpoint: _Checkpoint | None,
         inputs: Tensor,
-        place: str,
+        places: tuple[str, ...],
         index: int,
-    ) -> Tensor:
-        piece = self._closed(model, checkpoint[0], [place]) if checkpoint is not None else None
+    ) -> list[Tensor]:
+        piece = self._closed(model, checkpoint.cut, places) if checkpoint is not None else None
         if piece is not None and checkpoint is not None:
-            return piece(checkpoint[1][index])
-        return self.read(model, inputs, [place])[0]
+            values = piece(*checkpoint.batches[index])
+            return [values] if len(places) == 1 else list(values)
+        return self.read(model, inputs, places)
 
-    def _closed(self, model: nn.Module, start: str, places: Sequence[str]) -> nn.Module | None:
-        """The piece computing ``places`` from ``start`` alone, or None when they need more than it."""
-        key = (id(model), (start,), tuple(places))
+    def _closed(self, model: nn.Module, cut: tuple[str, ...], places: Sequence[str]) -> nn.Module | None:
+        """The piece computing ``places`` from the values at ``cut`` alone, or None when they need more."""
+        key = (id(model), cut, tuple(places))
         if key not in self._pieces:
             assert self.plan.graph is not None
             try:
-                self._pieces[key] = runnable(model, subgraph(self.plan.graph, (start,), tuple(places)))
+                self._pieces[key] = runnable(model, subgraph(self.plan.graph, cut, tuple(places)))
             except ValueError:
                 self._pieces[key] = None
         return self._pieces[key]

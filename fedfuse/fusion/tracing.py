@@ -98,6 +98,36 @@ def subgraph(graph: fx.Graph, inputs: Sequence[str], outputs: Sequence[str]) -> 
     return cut
 
 
+def cut_at(graph: fx.Graph, place: str) -> tuple[str, ...]:
+    """The nodes whose values, once ``place`` is computed, are all the rest of ``graph`` needs from the
+    input: ``place`` and every earlier node computed from the input that a later node still uses (in graph
+    order). In a chain that is ``place`` alone; inside a residual block it is the block's input too, which
+    the shortcut still needs. Nodes that do not depend on the input (parameters, constants) are left out:
+    a sub-graph recomputes them.
+
+    Raises:
+        ValueError: ``place`` is not a node of the graph.
+    """
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    here = next((node for node in graph.nodes if node.name == place), None)
+    if here is None:
+        raise ValueError(f"'{place}' is not a node of the traced graph")
+    from_input: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+            from_input.add(node)
+    return tuple(
+        node.name
+        for node in graph.nodes
+        if node is here
+        or (
+            node in from_input
+            and order[node] < order[here]
+            and any(order[user] > order[here] and user.op != "output" for user in node.users)
+        )
+    )
+
+
 def runnable(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``graph`` (cut from a trace of a model of ``model``'s architecture) computing with ``model``'s own
     modules and parameters, shared, not copied."""
