@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from simulations.one_shot.setting import ONE_SHOT, ROUNDS, Setting
 
@@ -92,3 +93,28 @@ def test_partitioning_labels_name_the_scheme_and_its_parameter() -> None:
         Setting(), partitioning="pathological", alpha=None, classes_per_client=2
     )
     assert pathological.partitioning_label == "pathological(2 classes per client)"
+
+
+def test_a_vgg_width_travels_with_the_setting_and_every_model_is_built_at_it() -> None:
+    setting = Setting(model="vgg11", width_multiplier=0.25)
+    assert Setting.from_json(setting.to_json()) == setting  # how the clients learn it
+    data = setting.federated_split().data
+    narrow = setting.model_builder(data)(seed=0)
+    full = dataclasses.replace(setting, width_multiplier=None).model_builder(data)(seed=0)
+    channels = [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert channels[0] == 16 and channels[-1] == 128  # 64 ... 512 at full width
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in full.parameters()) / 10
+    assert setting.model_label == "vgg11 (width 0.25)" and Setting().model_label == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width_multiplier": 0.5}, "width_multiplier applies to vgg11 and vgg11-bn, not mlp"),
+        ({"model": "vgg11-bn", "width_multiplier": -1.0}, "width_multiplier must be > 0"),
+        ({"model": "vgg11", "width_multiplier": True}, "width_multiplier must be > 0"),
+    ],
+)
+def test_a_width_is_refused_where_it_means_nothing(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Setting(**change)

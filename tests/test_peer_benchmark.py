@@ -23,6 +23,12 @@ def test_the_default_grid_is_both_models_every_k_alpha_init_and_three_seeds() ->
     assert {s.init for s in settings} == {"independent", "shared"}
     assert {s.seed for s in settings} == {0, 1, 2}
     assert {s.dataset for s in settings} == {"mnist"}
+    assert {(s.model, s.width_multiplier) for s in settings} == {("cnn", None), ("vgg11", 0.25)}
+
+
+def test_vgg11s_width_is_a_flag_and_part_of_the_setting_the_tables_name() -> None:
+    args = build_parser().parse_args(["--models", "vgg11-bn", "--width-multiplier", "0.5", "--seeds", "1"])
+    assert {s.model_label for s in settings_of(args)} == {"vgg11-bn (width 0.5)"}
 
 
 def test_flags_select_a_subset() -> None:
@@ -40,6 +46,7 @@ def test_the_table_gives_fedfuse_minus_the_best_peer() -> None:
         "command": "c",
         "dataset": "mnist",
         "data_dir": "d",
+        "models": ["cnn"],
         "epochs": 1,
         "calibration_size": 200,
         "evaluation_size": 10,
@@ -49,6 +56,7 @@ def test_the_table_gives_fedfuse_minus_the_best_peer() -> None:
         "seconds": 1.0,
     }
     table = markdown(setting, rows)
+    assert "d), cnn, Dirichlet label skew" in table
     assert "| **fedfuse linear uniform** | 0.800 ± 0.010 | 1.00 |" in table
     assert "| FedFuse − best peer | -0.050 (regmean) | |" in table
 

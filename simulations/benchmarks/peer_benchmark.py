@@ -9,6 +9,10 @@ FedTrimmedAvg / Krum on the clients' replies, and as references the best client 
 (K models at inference). The table gives accuracy on the evaluation set, mean ± standard deviation over
 the seeds, and each method's mean seconds to merge.
 
+VGG11 runs at a quarter of its width by default (``--width-multiplier 0.25``: 16 ... 128 channels, 0.6M
+weights on MNIST instead of 9.5M), as in the fusion benchmark: the full-width grid does not fit a
+CPU-only machine. The width is part of the setting, in the JSON and in every table's title.
+
     python -m simulations.benchmarks.peer_benchmark      # the full grid: cnn and vgg11, K 2,4,8, ... 3 seeds
     python -m simulations.benchmarks.peer_benchmark --models cnn --clients 2,4 --seeds 1 --epochs 3
 
@@ -36,7 +40,7 @@ from fedfuse.models import MODEL_NAMES
 from simulations.baselines import PEER_METHODS
 from simulations.datasets import DATASET_NAMES
 from simulations.one_shot.methods import MethodOptions
-from simulations.one_shot.setting import INITS, Setting
+from simulations.one_shot.setting import INITS, WIDTH_MODELS, Setting
 from simulations.one_shot.summary import SummaryRow, summarize
 from simulations.one_shot.sweep import SettingResult, run_sweep
 
@@ -44,6 +48,8 @@ FEDFUSE = "fedfuse linear uniform"  # FusionConfig's defaults, as the harness na
 REFERENCES = ("fedavg one-shot", "best client", "best ensemble")
 METHODS = (FEDFUSE, *PEER_METHODS, *REFERENCES)
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+#: VGG11's default width here (`fusion_benchmark.MODEL_OPTIONS` uses the same).
+VGG_WIDTH = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"default {DEFAULT_DATA}")
     parser.add_argument("--models", type=listed(str, MODEL_NAMES), default=("cnn", "vgg11"))
+    parser.add_argument(
+        "--width-multiplier",
+        type=float,
+        default=VGG_WIDTH,
+        help=f"channel multiplier of {' and '.join(WIDTH_MODELS)} (default {VGG_WIDTH}; 1: full width)",
+    )
     parser.add_argument("--clients", type=listed(int), default=(2, 4, 8))
     parser.add_argument("--alpha", type=listed(float), default=(0.1, 0.5))
     parser.add_argument("--init", type=listed(str, INITS), default=("independent", "shared"))
@@ -80,6 +92,7 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
             dataset=args.dataset,
             data_dir=data_dir,
             model=model,
+            width_multiplier=args.width_multiplier if model in WIDTH_MODELS else None,
             num_clients=k,
             alpha=alpha,
             init=init,
@@ -134,10 +147,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def summaries(results: Sequence[SettingResult]) -> list[tuple[str, SummaryRow]]:
-    """(model, summary row) for every model, init, K, alpha and method of `METHODS`."""
+    """(model, summary row) for every model, init, K, alpha and method of `METHODS`; the model as
+    `Setting.model_label` names it, with its width where set."""
     rows = []
-    for model in dict.fromkeys(r.setting.model for r in results):
-        for row in summarize([r for r in results if r.setting.model == model]):
+    for model in dict.fromkeys(r.setting.model_label for r in results):
+        for row in summarize([r for r in results if r.setting.model_label == model]):
             if row.method in METHODS:
                 rows.append((model, row))
     return rows
@@ -151,6 +165,7 @@ def document(results: Sequence[SettingResult], command: str, machine: str, secon
         "machine": machine,
         "dataset": first.dataset,
         "data_dir": first.data_dir,
+        "models": list(dict.fromkeys(r.setting.model_label for r in results)),
         "partitioning": "dirichlet",
         "epochs": first.epochs,
         "calibration_size": first.calibration_size,
@@ -174,9 +189,10 @@ def markdown(setting: dict[str, Any], rows: Sequence[tuple[str, SummaryRow]]) ->
     lines = [
         f"`{setting['command']}`",
         "",
-        f"{setting['dataset']} ({setting['data_dir']}), Dirichlet label skew, "
-        f"{setting['epochs']} local epochs, calibration {setting['calibration_size']}, evaluation "
-        f"{setting['evaluation_size']}, seeds {setting['seeds']}; FedFuse: {setting['fedfuse']}; "
+        f"{setting['dataset']} ({setting['data_dir']}), {', '.join(setting['models'])}, "
+        f"Dirichlet label skew, {setting['epochs']} local epochs, calibration "
+        f"{setting['calibration_size']}, evaluation {setting['evaluation_size']}, seeds {setting['seeds']}; "
+        f"FedFuse: {setting['fedfuse']}; "
         f"{setting['machine']}; {setting['seconds']:.0f} s.",
     ]
     for model, init in dict.fromkeys((m, r.init) for m, r in rows):

@@ -22,7 +22,7 @@ def setting_line(setting: Setting, evaluation_size: int) -> str:
     """The one-line summary of a setting: data, clients, partitioning, init, model, sets and seed."""
     return (
         f"{setting.dataset}: {setting.num_clients} clients, {setting.partitioning_label}, "
-        f"{setting.init} init, {setting.model}, {setting.epochs} local epochs, "
+        f"{setting.init} init, {setting.model_label}, {setting.epochs} local epochs, "
         f"calibration {setting.calibration_size} (class-balanced, server only), "
         f"evaluation {evaluation_size}, seed {setting.seed}"
     )
@@ -39,7 +39,7 @@ def sweep_line(results: Sequence[SettingResult]) -> str:
     )
     return (
         f"{first.dataset}: clients {_values(s.num_clients for s in settings)}, {partitioning}, "
-        f"init {_values(s.init for s in settings)}, {first.model}, {first.epochs} local epochs, "
+        f"init {_values(s.init for s in settings)}, {first.model_label}, {first.epochs} local epochs, "
         f"calibration {first.calibration_size} (class-balanced, server only), "
         f"evaluation {_values(r.evaluation_size for r in results)}, seeds {_values(s.seed for s in settings)}"
     )

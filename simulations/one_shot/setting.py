@@ -6,6 +6,7 @@ server and clients derive the same data split and seeds from it.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ PARTITIONING_NAMES = {
 #: (`STRATEGY_KEY`); the phase decides the client's local epochs, its start and its seeds.
 ONE_SHOT, ROUNDS = "one-shot", "rounds"
 PHASES = (ONE_SHOT, ROUNDS)
+#: The zoo models whose width ``Setting.width_multiplier`` scales (`fedfuse.models.VGG11`).
+WIDTH_MODELS = ("vgg11", "vgg11-bn")
 #: The keys of a training message's ConfigRecord that say what it is for.
 SETTING_KEY, PHASE_KEY, STRATEGY_KEY = "setting", "phase", "strategy"
 #: The strategy of the one-shot round and of the first multi-round reference: the harness's own FedAvg
@@ -58,6 +61,8 @@ class Setting:
         dataset, data_dir, split: the data (`simulations.datasets.load_dataset`); ``data_dir`` None
             for the embedded digits.
         model: a zoo model name (`fedfuse.models.MODEL_NAMES`).
+        width_multiplier: scales VGG11's channels (`WIDTH_MODELS` only; e.g. 0.25: 0.6M weights on
+            MNIST instead of 9.5M, so that a grid of settings runs on a CPU); None for the zoo's width.
         num_clients: K, at least 2.
         partitioning: how the client pool is shared out (`simulations.partitioning.PARTITIONINGS`).
         alpha: the Dirichlet concentration of ``dirichlet`` and ``quantity-skew``; None otherwise.
@@ -80,6 +85,7 @@ class Setting:
     data_dir: str | None = None
     split: str = "t10k"
     model: str = "mlp"
+    width_multiplier: float | None = None
     num_clients: int = 5
     partitioning: str = "dirichlet"
     alpha: float | None = 0.5
@@ -121,6 +127,17 @@ class Setting:
                 raise ValueError(f"Setting.{name} must be an int >= {least}, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"Setting.lr must be > 0, got {self.lr}")
+        if self.width_multiplier is not None:
+            if self.model not in WIDTH_MODELS:
+                raise ValueError(
+                    f"Setting.width_multiplier applies to {' and '.join(WIDTH_MODELS)}, not {self.model}"
+                )
+            if (
+                isinstance(self.width_multiplier, bool)
+                or not isinstance(self.width_multiplier, (int, float))
+                or not self.width_multiplier > 0  # also refuses NaN
+            ):
+                raise ValueError(f"Setting.width_multiplier must be > 0, got {self.width_multiplier!r}")
         if self.fedavg_rounds and self.epochs % self.fedavg_rounds:
             raise ValueError(
                 f"the multi-round references' {self.fedavg_rounds} rounds must share the {self.epochs} local "
@@ -166,12 +183,26 @@ class Setting:
             split=self.split,
         )
 
+    @property
+    def model_options(self) -> dict[str, float]:
+        """The keyword arguments the zoo model is built with besides the data's shape
+        (`fedfuse.models.build_model`): ``width_multiplier`` where set."""
+        return {} if self.width_multiplier is None else {"width_multiplier": self.width_multiplier}
+
+    @property
+    def model_label(self) -> str:
+        """The model in words, e.g. ``"vgg11 (width 0.25)"``."""
+        return (
+            self.model if self.width_multiplier is None else f"{self.model} (width {self.width_multiplier})"
+        )
+
     def model_builder(self, data: Dataset) -> Callable[..., nn.Module]:
-        """A builder of the setting's model for ``data`` (`simulations.federation.model_builder`);
-        ``seed=`` fixes its init. Server and clients build through it, so their models match."""
+        """A builder of the setting's model for ``data`` (`simulations.federation.model_builder`) with its
+        `model_options`; ``seed=`` fixes its init. Server and clients build through it, so their models
+        match."""
         from simulations.federation import model_builder  # loads PyTorch
 
-        return model_builder(self.model, data)
+        return functools.partial(model_builder(self.model, data), **self.model_options)
 
     def client_indices(self, split: FederatedSplit) -> list[np.ndarray]:
         """The K clients' shares of ``split``'s pool, index arrays into ``split.data``, in partition order."""
