@@ -14,6 +14,7 @@ from torch import nn
 from fedfuse import FusionConfig, LevelSpec, describe_levels, fuse
 from fedfuse.fusion import UntraceableModelError
 from fedfuse.fusion.clustering import _fill_empty_groups
+from fedfuse.fusion.fitting import numerical_rank
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
@@ -188,6 +189,21 @@ def test_constant_calibration_inputs_warn_with_the_level_and_the_rank() -> None:
     ):
         result = fuse(parents, torch.ones(64, 6))
     assert result.report.levels[0].rank == 1 and result.report.levels[0].ill_posed
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "rank"),
+    [(40, 100, 40), (500, 30, 30), (500, 30, 12)],  # fewer rows than inputs; full; low rank
+)
+def test_the_numerical_rank_counts_the_directions_the_rows_span(rows: int, columns: int, rank: int) -> None:
+    generator = torch.Generator().manual_seed(rows + columns + rank)
+    x = torch.randn(rows, rank, dtype=torch.float64, generator=generator) @ torch.randn(
+        rank, columns, dtype=torch.float64, generator=generator
+    )
+    x[:, 0] = 0.0  # one input never non-zero
+    x[:, 1] *= 1e3  # scales do not matter
+    expected_rank = int(torch.linalg.matrix_rank(x))
+    assert numerical_rank(x.T @ x) == (expected_rank, columns - 1)
 
 
 @pytest.mark.parametrize(

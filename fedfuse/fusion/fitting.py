@@ -90,20 +90,24 @@ def numerical_rank(gram: Tensor) -> tuple[int, int]:
     """The numerical rank of a Gram matrix XᵀX (how many directions the rows of X span), and how many
     columns of X are not zero throughout.
 
-    Scale-free (the matrix is first normalised to a unit diagonal). A Cholesky factorisation with no
-    tiny pivot proves full rank cheaply; otherwise the eigenvalues are counted.
+    Scale-free (the matrix is first normalised to a unit diagonal). The rank is where a Cholesky
+    factorisation with complete pivoting (LAPACK's ``dpstrf``) runs out of pivots above the tolerance:
+    O(d²·rank), several times cheaper than counting eigenvalues, and the same count wherever the
+    spectrum has a clear gap, as it has when the rows are fewer than the inputs or an input is constant.
     """
+    from scipy.linalg import lapack  # imported on first use: `import fedfuse` stays light
+
     diagonal = gram.diagonal()
     alive = diagonal > diagonal.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
     inverse_root = torch.where(alive, diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     normalised = gram * inverse_root[:, None] * inverse_root[None, :]
     live = int(alive.sum())
-    if live == gram.shape[0]:
-        factor, info = torch.linalg.cholesky_ex(normalised)
-        if info == 0 and float(factor.diagonal().min()) ** 2 > RANK_TOLERANCE:
-            return live, live
-    values = torch.linalg.eigvalsh(normalised)
-    return int((values > values.max().clamp_min(0) * RANK_TOLERANCE * gram.shape[0]).sum()), live
+    if not live:
+        return 0, 0
+    *_, rank, info = lapack.dpstrf(normalised.cpu().numpy(), lower=1, tol=RANK_TOLERANCE * gram.shape[0])
+    if info < 0:
+        raise RuntimeError(f"LAPACK dpstrf rejected argument {-info}")
+    return int(rank), live
 
 
 def _min_norm(matrix: Tensor, rhs: Tensor) -> Tensor:
