@@ -5,6 +5,7 @@ name."""
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from fedfuse import FusionConfig, LevelSpec, describe_levels, fuse
 from fedfuse.fusion import UntraceableModelError
 from fedfuse.fusion.clustering import _fill_empty_groups
 from fedfuse.fusion.fitting import numerical_rank
+from fedfuse.fusion.tracing import runnable, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
@@ -262,3 +264,20 @@ def test_levels_declared_by_argument_override_tracing(quickstart) -> None:
     result = fuse([model, permuted], calibration, EXACT, levels=declared)
     assert not describe_levels(model, calibration[:2], levels=declared).traced
     assert_same_function(result.model, model, torch.randn(50, 3, 32, 32), tolerance=1e-4)
+
+
+def test_values_read_in_one_run_are_not_overwritten_by_later_in_place_operations() -> None:
+    # torchvision's BasicBlock ends in `out += identity; return self.relu(out)` with ReLU(inplace=True):
+    # read together with a later place, the block's sum must still hold its negative entries.
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    graph = trace(model)
+    sums = [node.name for node in graph.graph.nodes if node.target is operator.add]
+    later = [node.name for node in graph.graph.nodes][-2]
+    alone = runnable(model, subgraph(graph.graph, ("x",), (sums[0],)))
+    together = runnable(model, subgraph(graph.graph, ("x",), (sums[0], later)))
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        expected, (read, _) = alone(x), together(x)
+    assert bool((expected < 0).any())
+    assert torch.equal(read, expected)

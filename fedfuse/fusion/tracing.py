@@ -12,6 +12,7 @@ on a fused model computes with the fused model's current weights, and training i
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 from torch import fx, nn
@@ -57,7 +58,42 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
             "are level boundaries (LevelSpec(name, stream=...) for a block that adds into a residual "
             "stream), or pass fuse(..., levels=[...]); see fedfuse.fusion.declared"
         ) from error
+    copy_before_in_place(graph, model)
     return fx.GraphModule(model, graph)
+
+
+#: Functions that change their first argument: ``+=`` and its kin, item assignment.
+IN_PLACE_FUNCTIONS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.setitem}
+)
+
+
+def changes_its_input(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` writes into the value of its first argument: an in-place function
+    (`IN_PLACE_FUNCTIONS`, or one called with ``inplace=True``), a method named like ``relu_`` or ``add_``,
+    or a module built with ``inplace=True`` (``nn.ReLU(inplace=True)``)."""
+    if node.op == "call_function":
+        return node.target in IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_module":
+        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
+    return False
+
+
+def copy_before_in_place(graph: fx.Graph, root: nn.Module) -> None:
+    """Make each in-place operation of ``graph`` write into a copy of its input, not the input itself.
+
+    Fusion keeps the values it reads (checkpoints, a stream's targets) and reads several places in one
+    run; an in-place ``out += identity`` or ``ReLU(inplace=True)`` would otherwise overwrite a value
+    already read (the block's sum, turned into its ReLU by the next block). One copy per in-place
+    operation is the price, and every node's value is then what it computed.
+    """
+    for node in list(graph.nodes):
+        if changes_its_input(node, root) and node.args and isinstance(node.args[0], fx.Node):
+            with graph.inserting_before(node):
+                copy = graph.call_method("clone", (node.args[0],))
+            node.args = (copy, *node.args[1:])
 
 
 def subgraph(graph: fx.Graph, inputs: Sequence[str], outputs: Sequence[str]) -> fx.Graph:
