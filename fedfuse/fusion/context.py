@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.config import FusionConfig
-from fedfuse.fusion.levels import Level, LevelPlan
+from fedfuse.fusion.levels import Level, LevelPlan, Space
 from fedfuse.fusion.reading import CHECKPOINT_VALUES, At, Collected, Reader
 from fedfuse.fusion.targets import SpaceGrouping
 from fedfuse.fusion.weights import ParentWeights
@@ -34,6 +34,9 @@ class FusionContext:
         parent_reader, fused_reader: read values inside the parents and the fused model.
         device, dtype: where and in what precision the models compute.
         groupings: each space's grouping once decided, by space name (a stream's levels share it).
+        stream_targets: the parents' values at the targets of a stream's levels (the residual sums they
+            complete), by place, then by id of the parent: one tensor per calibration batch
+            (`collecting_targets`).
     """
 
     parents: list[nn.Module]
@@ -48,6 +51,7 @@ class FusionContext:
     device: torch.device
     dtype: torch.dtype
     groupings: dict[str, SpaceGrouping] = field(default_factory=dict)
+    stream_targets: dict[str, dict[int, list[Tensor]]] = field(default_factory=dict)
 
     def fused_level(self, level: Level) -> Level:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""
@@ -90,6 +94,36 @@ class FusionContext:
             per_sample = self.parent_reader.read(self.parents[0], example, [place])[0][:1].numel()
         fits = per_sample * len(self.parents) * self.calibration.num_samples <= CHECKPOINT_VALUES
         return Collected() if fits else None
+
+    def collecting_targets(self, space: Space) -> dict[str, Collected]:
+        """Something to collect the parents' values in, over a stream's grouping pass, at the targets of its
+        levels: every level of a stream fits to the sum it completes, which the parents would otherwise
+        run again for each of them. Kept (`stream_targets`) while they fit in `CHECKPOINT_VALUES` values,
+        beside the checkpoints; nothing for a space of one point (its values become checkpoints)."""
+        if len(space.points) == 1:
+            return {}
+        targets = list(
+            dict.fromkeys(level.target for level in self.plan.levels if level.name in space.levels)
+        )
+        example = self.calibration.example(self.device, self.dtype, size=1)
+        with torch.no_grad():
+            per_sample = sum(
+                v[:1].numel() for v in self.parent_reader.read(self.parents[0], example, targets)
+            )
+        if per_sample * len(self.parents) * self.calibration.num_samples > CHECKPOINT_VALUES:
+            return {}
+        return {place: Collected() for place in targets}
+
+    def keep_targets(self, collected: dict[str, Collected]) -> None:
+        """Keep the parents' values collected at a stream's targets for its levels' fits."""
+        for place, values in collected.items():
+            self.stream_targets[place] = {id(parent): values.batches(parent) for parent in self.parents}
+
+    def forget_targets(self, space: Space) -> None:
+        """Drop a stream's kept targets once its last level is fitted."""
+        for level in self.plan.levels:
+            if level.name in space.levels:
+                self.stream_targets.pop(level.target, None)
 
     def keep(self, collected: Collected | None, place: str) -> None:
         """Make the parents' values collected over a pass their checkpoints at ``place``."""

@@ -38,7 +38,7 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     method = "stream" if grouping is not None else None
     if grouping is None:
         clock = time.perf_counter()
-        embeddings = measure_points(space, context)
+        embeddings = measure_points(space, context, keep_targets=True)
         seconds["statistics"] = time.perf_counter() - clock
         grouping = context.groupings[space.name] = group_space(space, embeddings, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
@@ -49,6 +49,8 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     clock = time.perf_counter()
     stats = _statistics(level, layer, context, grouping, direct)
     seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
+    if space.levels[-1] == level.name:
+        context.forget_targets(space)
 
     clock = time.perf_counter()
     with_bias = layer.bias is not None or norm is not None
@@ -100,8 +102,11 @@ def _statistics(
     with torch.no_grad():
         for inputs, labels, at in context.chunks([*places, level.target]):
             fused_input, *terms = context.fused_reader.read(context.fused, inputs, places, at)
+            kept = context.stream_targets.get(level.target)
             outputs = [
-                context.parent_reader.read(parent, inputs, [level.target], at)[0]
+                kept[id(parent)][at[0]][at[1]]
+                if kept is not None
+                else context.parent_reader.read(parent, inputs, [level.target], at)[0]
                 for parent in context.parents
             ]
             if collected is not None:

@@ -68,8 +68,10 @@ class SpaceGrouping:
     grouping_seconds: float = 0.0
 
 
-def measure_points(space: Space, context: FusionContext) -> list[NeuronEmbedding]:
-    """One pass of the parents over the calibration set: their neurons embedded at each point."""
+def measure_points(space: Space, context: FusionContext, keep_targets: bool = False) -> list[NeuronEmbedding]:
+    """One pass of the parents over the calibration set: their neurons embedded at each point; with
+    ``keep_targets``, the values at a stream's targets kept for its levels' fits
+    (`FusionContext.collecting_targets`)."""
     config = context.config
     embeddings = [
         NeuronEmbedding(context.calibration.num_samples, config.grouping_dims, config.seed + index)
@@ -77,17 +79,22 @@ def measure_points(space: Space, context: FusionContext) -> list[NeuronEmbedding
     ]
     places = [point.place for point in space.points]
     collected = context.collecting(places[0]) if len(places) == 1 else None
+    targets = context.collecting_targets(space) if keep_targets else {}
     with torch.no_grad():
         for inputs, _, at in context.chunks(places):
             values = [context.parent_reader.read(parent, inputs, places, at) for parent in context.parents]
             if collected is not None:
                 for parent, value in zip(context.parents, values):
                     collected.add(parent, at, value[0])
+            for place, kept in targets.items():
+                for parent, value in zip(context.parents, values):
+                    kept.add(parent, at, value[places.index(place)])
             for index, (embedding, point) in enumerate(zip(embeddings, space.points)):
                 embedding.add(
                     torch.cat([rows_of(parent[index], point.axis) for parent in values], dim=1), len(inputs)
                 )
     context.keep(collected, places[0])
+    context.keep_targets(targets)
     return embeddings
 
 
