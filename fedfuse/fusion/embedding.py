@@ -58,20 +58,22 @@ class NeuronEmbedding:
             total_rows = -(-z.shape[0] * self.samples // samples)
             exact = "values" if total_rows <= self.dims else "gram"
             self.mode = exact if exact == "values" or z.shape[1] <= self.dims else "sketch"
-        exact = z.double()
         self.rows += z.shape[0]
-        self.sums = exact.sum(0) if self.sums is None else self.sums + exact.sum(0)
-        squares = (exact * exact).sum(0)
-        self.squares = squares if self.squares is None else self.squares + squares
-        if self.mode == "values":
-            self._kept.append(exact)
-        elif self.mode == "gram":
+        sums = z.sum(0, dtype=torch.float64)
+        self.sums = sums if self.sums is None else self.sums + sums
+        if self.mode == "gram":
             # In the values' own precision (the models' float32: half the work of float64), summed over
-            # the batches in float64.
+            # the batches in float64; its diagonal is the sums of squares.
             product = (z.T @ z).double()
             self._gram = product if self._gram is None else self._gram.add_(product)
+            squares = product.diagonal()
         else:
-            z = exact
+            z = z.double()
+            squares = (z * z).sum(0)
+        self.squares = squares.clone() if self.squares is None else self.squares + squares
+        if self.mode == "values":
+            self._kept.append(z)
+        elif self.mode == "sketch":
             buckets = torch.randint(self.dims, (z.shape[0],), generator=self._generator).to(z.device)
             signs = torch.randint(2, (z.shape[0], 1), generator=self._generator).to(z) * 2 - 1
             if self._sketch is None:

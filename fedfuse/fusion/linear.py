@@ -95,7 +95,7 @@ def _statistics(
     """One pass: the fused model's inputs to the level against its targets (the group targets, or the
     classes' own target when ``direct`` names one, `class_targets`; minus the fused residual terms)."""
     stats = LevelStatistics(layer_fan_in(layer), context.fused_level(level).width, context.device)
-    shares = grouping.shares.to(context.device).split(context.plan.spaces[level.space].width)
+    shares = grouping.shares.to(context.device, context.dtype).split(context.plan.spaces[level.space].width)
     places = [level.input, *level.residual]
     parents = len(context.parents)
     collected = context.collecting(level.target)
@@ -115,8 +115,8 @@ def _statistics(
             values = [rows_of(output, level.axis) for output in outputs]
             if direct:  # the classes: one row per sample
                 target = class_targets(direct, torch.cat(values, dim=1), labels, grouping, parents)
-            else:  # Z·shares, parent by parent: never all K·n neuron values at once
-                target = sum(value.double() @ share for value, share in zip(values, shares))
+            else:  # Z·shares, parent by parent: never all K·n neuron values at once, in their precision
+                target = sum(value @ share for value, share in zip(values, shares)).double()
             assert isinstance(target, Tensor)
             if terms:
                 target = target - rows_of(torch.stack(terms).sum(0), level.axis).double()

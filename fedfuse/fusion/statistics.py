@@ -10,6 +10,7 @@ however many parents there are (the targets are mixed per batch, the grouping be
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +51,12 @@ def rows_of(values: Tensor, axis: int) -> Tensor:
 class LevelStatistics:
     """Sums over calibration rows of one level, for fused inputs of width d and g fused neurons.
 
+    Each batch's rows R = [X | T] (``[rows, d + g]``, float64) are written into a buffer kept from batch to
+    batch, and one product RᵀR gives XᵀX, XᵀT and the ΣT² on its diagonal; on the CPU only its upper
+    triangle is accumulated, by BLAS's symmetric rank-k update (``dsyrk``, through SciPy): half the
+    multiplications of a full product. (A fresh float64 copy of a wide convolution's patches per batch
+    costs more than its conversion: the memory is mapped anew each time.)
+
     Attributes:
         rows: calibration rows seen (samples × output positions).
         xtx: ``[d, d]`` XᵀX.   x_sum: ``[d]`` column sums of X.
@@ -57,28 +64,69 @@ class LevelStatistics:
     """
 
     def __init__(self, fan_in: int, groups: int, device: torch.device) -> None:
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.float64, device=device)
-
+        width = fan_in + groups
         self.rows = 0
-        self.xtx, self.x_sum = zeros(fan_in, fan_in), zeros(fan_in)
-        self.xtt, self.t_sum, self.t_squares = zeros(fan_in, groups), zeros(groups), zeros(groups)
+        self._d = fan_in
+        # RᵀR: on the CPU its upper triangle, column-major as BLAS writes it; elsewhere the full product.
+        cpu = device.type == "cpu"
+        self._upper = np.zeros((width, width), order="F") if cpu else None
+        self._product = torch.zeros(
+            0 if cpu else width, 0 if cpu else width, dtype=torch.float64, device=device
+        )
+        self._sums = torch.zeros(width, dtype=torch.float64, device=device)
+        self._buffer = torch.zeros(0, width, dtype=torch.float64, device=device)
 
     def add(self, x: Tensor, t: Tensor) -> None:
         """Add a batch: ``x`` ``[rows, d]`` fused inputs and ``t`` ``[rows, g]`` their targets."""
-        x, t = x.double(), t.double()
-        self.rows += x.shape[0]
-        self.xtx.addmm_(x.T, x)
-        self.x_sum += x.sum(0)
-        self.xtt.addmm_(x.T, t)
-        self.t_sum += t.sum(0)
-        self.t_squares += (t * t).sum(0)
+        rows = x.shape[0]
+        if self._buffer.shape[0] < rows:
+            self._buffer = self._buffer.new_empty(rows, self._buffer.shape[1])
+        batch = self._buffer[:rows]
+        batch[:, : self._d].copy_(x)
+        batch[:, self._d :].copy_(t)
+        self.rows += rows
+        self._sums += batch.sum(0)
+        if self._upper is not None:
+            from scipy.linalg import blas  # imported on first use: `import fedfuse` stays light
+
+            # The batch is row-major [rows, d + g]: its transpose is column-major, as BLAS takes it.
+            blas.dsyrk(1.0, batch.numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+        else:
+            self._product.addmm_(batch.T, batch)
+
+    @property
+    def _full(self) -> Tensor:
+        if self._upper is None:
+            return self._product
+        upper = torch.from_numpy(self._upper)
+        return torch.triu(upper) + torch.triu(upper, diagonal=1).T
+
+    @property
+    def xtx(self) -> Tensor:
+        return self._full[: self._d, : self._d]
+
+    @property
+    def xtt(self) -> Tensor:
+        return self._full[: self._d, self._d :]
+
+    @property
+    def t_squares(self) -> Tensor:
+        return self._full.diagonal()[self._d :]
+
+    @property
+    def x_sum(self) -> Tensor:
+        return self._sums[: self._d]
+
+    @property
+    def t_sum(self) -> Tensor:
+        return self._sums[self._d :]
 
     def with_bias(self) -> tuple[Tensor, Tensor]:
         """``(XᵀX, XᵀT)`` for X with a column of ones appended: ``[d+1, d+1]`` and ``[d+1, g]``."""
-        d = self.xtx.shape[0]
-        xtx = self.xtx.new_empty(d + 1, d + 1)
-        xtx[:d, :d] = self.xtx
+        gram = self.xtx
+        d = gram.shape[0]
+        xtx = gram.new_empty(d + 1, d + 1)
+        xtx[:d, :d] = gram
         xtx[:d, d] = xtx[d, :d] = self.x_sum
         xtx[d, d] = self.rows
         return xtx, torch.cat([self.xtt, self.t_sum.unsqueeze(0)])
