@@ -62,16 +62,24 @@ class FusionContext:
         most `CHUNK_VALUES` (a convolution has a value per position): a level's pass then holds
         O(CHUNK_VALUES) values at a time, whatever K and the batch size. Each chunk comes with where it
         lies (`fedfuse.fusion.reading.At`), for reads from a checkpoint."""
-        example = self.calibration.example(self.device, self.dtype, size=1)
-        with torch.no_grad():
-            per_sample = sum(
-                value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
-            )
-        samples = max(1, CHUNK_VALUES // max(1, per_sample * len(self.parents)))
+        samples = max(1, CHUNK_VALUES // max(1, self.values_per_sample(places) * len(self.parents)))
         for index, (inputs, labels) in enumerate(self.calibration.batches(self.device, self.dtype)):
             for start in range(0, len(inputs), samples):
                 chunk = slice(start, start + samples)
                 yield inputs[chunk], None if labels is None else labels[chunk], (index, chunk)
+
+    def values_per_sample(self, places: Sequence[str]) -> int:
+        """How many values one calibration sample gives at ``places`` in one parent."""
+        example = self.calibration.example(self.device, self.dtype, size=1)
+        with torch.no_grad():
+            return sum(
+                value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
+            )
+
+    def _fit_the_budget(self, places: Sequence[str]) -> bool:
+        """Whether every parent's values at ``places`` over the calibration set fit `CHECKPOINT_VALUES`."""
+        total = self.values_per_sample(places) * len(self.parents) * self.calibration.num_samples
+        return total <= CHECKPOINT_VALUES
 
     def advance(self, level: Level) -> None:
         """Checkpoint every parent and the fused model at ``level``'s input (`Reader.advance`), so that the
@@ -89,10 +97,7 @@ class FusionContext:
         the checkpoint budget (so that collecting them never holds more than it)."""
         if self.plan.graph is None or place in self.parent_reader.cut(self.parents[0]):
             return None
-        example = self.calibration.example(self.device, self.dtype, size=1)
-        with torch.no_grad():
-            per_sample = self.parent_reader.read(self.parents[0], example, [place])[0][:1].numel()
-        fits = per_sample * len(self.parents) * self.calibration.num_samples <= CHECKPOINT_VALUES
+        fits = self._fit_the_budget([place])
         return Collected() if fits else None
 
     def collecting_targets(self, space: Space) -> dict[str, Collected]:
@@ -105,14 +110,7 @@ class FusionContext:
         targets = list(
             dict.fromkeys(level.target for level in self.plan.levels if level.name in space.levels)
         )
-        example = self.calibration.example(self.device, self.dtype, size=1)
-        with torch.no_grad():
-            per_sample = sum(
-                v[:1].numel() for v in self.parent_reader.read(self.parents[0], example, targets)
-            )
-        if per_sample * len(self.parents) * self.calibration.num_samples > CHECKPOINT_VALUES:
-            return {}
-        return {place: Collected() for place in targets}
+        return {place: Collected() for place in targets} if self._fit_the_budget(targets) else {}
 
     def keep_targets(self, collected: dict[str, Collected]) -> None:
         """Keep the parents' values collected at a stream's targets for its levels' fits."""

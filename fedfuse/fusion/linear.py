@@ -99,10 +99,10 @@ def _statistics(
     places = [level.input, *level.residual]
     parents = len(context.parents)
     collected = context.collecting(level.target)
+    kept = context.stream_targets.get(level.target)
     with torch.no_grad():
         for inputs, labels, at in context.chunks([*places, level.target]):
             fused_input, *terms = context.fused_reader.read(context.fused, inputs, places, at)
-            kept = context.stream_targets.get(level.target)
             outputs = [
                 kept[id(parent)][at[0]][at[1]]
                 if kept is not None

@@ -37,9 +37,8 @@ At = tuple[int, slice]
 
 @dataclass(frozen=True)
 class _Checkpoint:
-    """A model's values at the cut of ``place`` (``cut``: node names), per calibration batch, per node."""
+    """A model's values at ``cut`` (node names), per calibration batch, per node."""
 
-    place: str
     cut: tuple[str, ...]
     batches: list[list[Tensor]]
 
@@ -55,6 +54,7 @@ class Reader:
         self.plan = plan
         self._pieces: dict[tuple[int, tuple[str, ...], tuple[str, ...]], nn.Module | None] = {}
         self._checkpoints: dict[int, _Checkpoint] = {}
+        self._cuts: dict[str, tuple[str, ...]] = {}
         self._budget = budget if budget is not None else [CHECKPOINT_VALUES]  # shared by a fusion's readers
 
     def read(
@@ -83,8 +83,8 @@ class Reader:
         old = self._checkpoints.pop(id(model), None)
         if old is not None:
             self._budget[0] += old.size
-        cut = cut_at(self.plan.graph, place)
-        kept = _Checkpoint(place, cut, [])
+        cut = self._cut_at(place)
+        kept = _Checkpoint(cut, [])
         with torch.no_grad():
             for index, inputs in enumerate(batches):
                 values = self._read_from(model, old, inputs, cut, index)
@@ -111,18 +111,24 @@ class Reader:
             return
         old = self._checkpoints.get(id(model))
         held = dict(zip(old.cut, zip(*old.batches))) if old is not None else {}
-        cut = cut_at(self.plan.graph, place)
+        cut = self._cut_at(place)
         if any(node != place and node not in held for node in cut):
             return
         batches = [
             [value if node == place else held[node][index] for node in cut]
             for index, value in enumerate(values)
         ]
-        kept = _Checkpoint(place, cut, batches)
+        kept = _Checkpoint(cut, batches)
         room = self._budget[0] + (old.size if old is not None else 0)
         if kept.size <= room:
             self._budget[0] = room - kept.size
             self._checkpoints[id(model)] = kept
+
+    def _cut_at(self, place: str) -> tuple[str, ...]:
+        if place not in self._cuts:
+            assert self.plan.graph is not None
+            self._cuts[place] = cut_at(self.plan.graph, place)
+        return self._cuts[place]
 
     def _read_from(
         self,

@@ -75,6 +75,7 @@ class LevelStatistics:
         )
         self._sums = torch.zeros(width, dtype=torch.float64, device=device)
         self._buffer = torch.zeros(0, width, dtype=torch.float64, device=device)
+        self._symmetric: Tensor | None = None
 
     def add(self, x: Tensor, t: Tensor) -> None:
         """Add a batch: ``x`` ``[rows, d]`` fused inputs and ``t`` ``[rows, g]`` their targets."""
@@ -85,6 +86,7 @@ class LevelStatistics:
         batch[:, : self._d].copy_(x)
         batch[:, self._d :].copy_(t)
         self.rows += rows
+        self._symmetric = None
         self._sums += batch.sum(0)
         if self._upper is not None:
             from scipy.linalg import blas  # imported on first use: `import fedfuse` stays light
@@ -96,10 +98,13 @@ class LevelStatistics:
 
     @property
     def _full(self) -> Tensor:
+        """RᵀR in full, made from the upper triangle once after the last batch."""
         if self._upper is None:
             return self._product
-        upper = torch.from_numpy(self._upper)
-        return torch.triu(upper) + torch.triu(upper, diagonal=1).T
+        if self._symmetric is None:
+            upper = torch.from_numpy(self._upper)
+            self._symmetric = torch.triu(upper) + torch.triu(upper, diagonal=1).T
+        return self._symmetric
 
     @property
     def xtx(self) -> Tensor:
