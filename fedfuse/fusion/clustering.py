@@ -10,47 +10,30 @@ restarts at some cost in accuracy (docs/benchmarks.md). Hungarian matching costs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class Grouping:
-    """A level's grouping.
-
-    Attributes:
-        shares: ``[K·n, groups]`` float64: column k holds the weights s_j / S_k of group k's members
-            (zero elsewhere), so the group targets are T = Z·shares.
-        cost: the importance-weighted share of the neurons' variance that merging loses, measured on
-            the points (exact but for a sketch); see `LevelReport.grouping_cost`.
-    """
-
-    shares: Tensor
-    cost: float
+from fedfuse.fusion.kmeans import weighted_kmeans
 
 
 def group_neurons(
     method: str,
     points: Tensor,
-    variances: Tensor,
     scores: Tensor,
     width: int,
     groups: int,
     *,
     init: str = "k-means++",
     **kmeans: int,
-) -> Grouping:
-    """Group neurons by ``"kmeans"`` or ``"hungarian"``; groups come out aligned with the reference
-    parent's neurons (the first ``width`` points).
+) -> Tensor:
+    """Group neurons by ``"kmeans"`` or ``"hungarian"``: ``[K·n, groups]`` float64 shares, column k
+    holding the weights s_j / S_k of group k's members (zero elsewhere), so that the group targets are
+    T = Z·shares. Groups come out aligned with the reference parent's neurons (the first ``width`` points).
 
     Args:
         points: ``[m, r]`` one point per parent neuron (m = K·n, parent by parent), with the neurons'
             pairwise distances (`fedfuse.fusion.embedding.NeuronEmbedding.points`).
-        variances: ``[m]`` each neuron's spread around its own mean, in the units of the squared
-            distances (the cost's denominator).
         scores: ``[m]`` positive importance weights s_j.
         width: neurons per parent, n.
         groups: fused neurons.
@@ -63,8 +46,7 @@ def group_neurons(
     else:
         assignment = _kmeans(points, scores, width, groups, init=init, **kmeans)
     shares = _shares(assignment, scores, groups)
-    shares = shares[:, _order_like_reference(points, shares, width)]
-    return Grouping(shares, grouping_cost(points, variances, scores, shares))
+    return shares[:, _order_like_reference(points, shares, width)]
 
 
 def shares_by_index(class_weights: Tensor) -> Tensor:
@@ -87,19 +69,12 @@ def _kmeans(
     n_init: int,
     max_iter: int,
 ) -> Tensor:
-    from sklearn.cluster import KMeans  # imported on first use: `import fedfuse` stays light
-
     # In float32, the precision of the activations the points come from: half the work of float64, and
     # the same groups (the cost a grouping reports is measured in float64 afterwards).
-    data, weights = points.numpy().astype(np.float32), scores.numpy().astype(np.float32)
-    if init == "reference" and groups == width:
-        start: np.ndarray | str = data[:width]
-        n_init = 1
-    else:
-        start = "k-means++"
-    kmeans = KMeans(n_clusters=groups, init=start, n_init=n_init, max_iter=max_iter, random_state=seed)
-    labels = kmeans.fit(data, sample_weight=weights).labels_
-    return torch.as_tensor(_fill_empty_groups(data, weights, labels, groups))
+    data, weights = points.float(), scores.float()
+    start = data[:width] if init == "reference" and groups == width else None
+    found = weighted_kmeans(data, weights, groups, seed=seed, n_init=n_init, max_iter=max_iter, start=start)
+    return torch.as_tensor(_fill_empty_groups(data.numpy(), weights.numpy(), found.labels.numpy(), groups))
 
 
 def _fill_empty_groups(

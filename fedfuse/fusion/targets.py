@@ -129,14 +129,13 @@ def group_space(space: Space, embeddings: Sequence[NeuronEmbedding], context: Fu
     scores = _scores(space, context) * weights.parents.repeat_interleave(space.width)
     importance_seconds = time.perf_counter() - clock
     clock = time.perf_counter()
-    points, energy, variances = _combined(embeddings)
+    points, energy = _combined(embeddings)
     scales = energy.clamp_min(energy.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12).sqrt()
     inverse = 1.0 / scales
     config = context.config
-    found = group_neurons(
+    unit_shares = group_neurons(
         config.grouping,
         points * inverse[:, None],
-        variances * inverse**2,
         scores,
         space.width,
         context.groups(space.name),
@@ -145,18 +144,18 @@ def group_space(space: Space, embeddings: Sequence[NeuronEmbedding], context: Fu
         n_init=config.kmeans_n_init,
         max_iter=config.kmeans_max_iter,
     )
-    group_scale = scales @ found.shares  # [groups] the members' weighted mean scale
-    shares = found.shares * inverse[:, None] * group_scale[None, :]
-    group_weights = (scores[:, None] * (found.shares > 0)).sum(0)
+    group_scale = scales @ unit_shares  # [groups] the members' weighted mean scale
+    shares = unit_shares * inverse[:, None] * group_scale[None, :]
+    group_weights = (scores[:, None] * (unit_shares > 0)).sum(0)
     return SpaceGrouping(
         config.grouping,
         shares,
-        found.shares,
+        unit_shares,
         scales,
         group_scale,
         scores,
         group_weights,
-        _costs(space, embeddings, scales, scores, found.shares),
+        _costs(space, embeddings, scales, scores, unit_shares),
         importance_seconds,
         time.perf_counter() - clock,
     )
@@ -214,11 +213,11 @@ def log_mixture(values: Tensor, shares: Tensor, parents: int) -> Tensor:
     return torch.logsumexp(log_probabilities + weights.clamp_min(1e-300).log(), dim=1)
 
 
-def _combined(embeddings: Sequence[NeuronEmbedding]) -> tuple[Tensor, Tensor, Tensor]:
-    """One set of points (with per-neuron energies Σz² and variances) for several points of a space, each
+def _combined(embeddings: Sequence[NeuronEmbedding]) -> tuple[Tensor, Tensor]:
+    """One set of points (with per-neuron energies Σz²) for several points of a space, each
     scaled by the inverse root of its total variance and set side by side: k-means on the neurons'
     values at every point at once, each point counting alike."""
-    points, energies, variances = [], [], []
+    points, energies = [], []
     for point in embeddings:
         assert point.squares is not None
         scale = 1.0 / float(point.variances.sum().clamp_min(torch.finfo(torch.float64).tiny))
@@ -226,8 +225,7 @@ def _combined(embeddings: Sequence[NeuronEmbedding]) -> tuple[Tensor, Tensor, Te
             scale = 1.0
         points.append(point.points() * scale**0.5)
         energies.append(point.squares.cpu() * scale)
-        variances.append(point.variances.cpu() * scale)
-    return torch.cat(points, dim=1), sum(energies[1:], energies[0]), sum(variances[1:], variances[0])
+    return torch.cat(points, dim=1), sum(energies[1:], energies[0])
 
 
 def _costs(

@@ -1,0 +1,152 @@
+"""Importance-weighted k-means in torch: greedy k-means++ seeding and Lloyd iterations.
+
+The same algorithm as scikit-learn's ``KMeans`` (Lloyd's algorithm from a greedy k-means++ start, that is
+Arthur & Vassilvitskii, "k-means++: The Advantages of Careful Seeding", 2007, with 2 + ⌊ln k⌋ candidate
+centres tried per step as in scikit-learn's ``_kmeans_plusplus``), written for what grouping needs and
+no more: a fusion groups thousands of neurons into hundreds of groups, and scikit-learn's seeding spends
+most of its time converting and re-measuring arrays between its 2 + ⌊ln k⌋ candidate distances (0.6 s
+of 1.2 s when fusing eight 784-256-10 MLPs). Here each seeding step is one matrix product of the
+candidates against all points, and each Lloyd step one product of the points against the centres.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """A k-means result.
+
+    Attributes:
+        labels: ``[m]`` int64, each point's cluster.
+        centres: ``[k, r]`` the clusters' weighted means.
+        inertia: Σ_j w_j‖x_j − c_a(j)‖², in the points' squared units.
+        iterations: Lloyd iterations run.
+    """
+
+    labels: Tensor
+    centres: Tensor
+    inertia: float
+    iterations: int
+
+
+def weighted_kmeans(
+    points: Tensor,
+    weights: Tensor,
+    clusters: int,
+    *,
+    seed: int,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    start: Tensor | None = None,
+) -> Clustering:
+    """Minimise Σ_j w_j‖x_j − c_a(j)‖² over assignments a and centres c.
+
+    Args:
+        points: ``[m, r]`` the points x_j (float32 or float64; the work is done in their dtype).
+        weights: ``[m]`` positive weights w_j.
+        clusters: k, at most m.
+        seed: seeds the k-means++ starts: same seed, same clustering.
+        n_init: k-means++ starts; the run with the least inertia is kept.
+        max_iter: Lloyd iterations per start.
+        tol: stop when the centres move less than ``tol`` times the points' mean per-coordinate variance
+            (squared distance summed over centres), as scikit-learn does; also stop when no label changes.
+        start: ``[k, r]`` initial centres instead of k-means++ (then one run).
+    """
+    if not 1 <= clusters <= points.shape[0]:
+        raise ValueError(f"k-means: {clusters} clusters asked of {points.shape[0]} points")
+    weights = weights.to(points.dtype)
+    squared_norms = points.square().sum(1)
+    threshold = tol * float(points.var(0, unbiased=False).mean()) if tol > 0 else 0.0
+    generator = torch.Generator().manual_seed(seed)
+    starts = [start.to(points.dtype)] if start is not None else None
+    best: Clustering | None = None
+    weighted = points * weights[:, None]
+    for _ in range(1 if starts else n_init):
+        centres = (
+            starts[0]
+            if starts
+            else _greedy_kmeans_plusplus(points, weights, squared_norms, clusters, generator)
+        )
+        found = _lloyd(points, weighted, weights, squared_norms, centres, max_iter, threshold)
+        if best is None or found.inertia < best.inertia:
+            best = found
+    assert best is not None
+    return best
+
+
+def _greedy_kmeans_plusplus(
+    points: Tensor, weights: Tensor, squared_norms: Tensor, clusters: int, generator: torch.Generator
+) -> Tensor:
+    """k centres, each the best (least resulting potential) of 2 + ⌊ln k⌋ candidates drawn with probability
+    proportional to w_j·D(x_j)², D the distance to the nearest centre chosen so far."""
+    trials = 2 + int(math.log(clusters))
+    chosen = torch.empty(clusters, dtype=torch.long)
+    chosen[0] = torch.multinomial(weights, 1, generator=generator)[0]
+    closest = _distances_to(points, squared_norms, chosen[:1])[0]
+    for index in range(1, clusters):
+        potential = weights * closest
+        # All points at a chosen centre (fewer distinct points than clusters): any draw is as good.
+        odds = potential if float(potential.sum()) > 0 else weights
+        candidates = torch.multinomial(odds, trials, replacement=True, generator=generator)
+        improved = torch.minimum(closest[None, :], _distances_to(points, squared_norms, candidates))
+        best = int((improved @ weights).argmin())
+        chosen[index], closest = candidates[best], improved[best]
+    return points[chosen].clone()
+
+
+def _distances_to(points: Tensor, squared_norms: Tensor, indices: Tensor) -> Tensor:
+    """``[len(indices), m]`` squared distances from the points at ``indices`` to every point."""
+    products = points[indices] @ points.T
+    return (squared_norms[indices, None] - 2 * products + squared_norms[None, :]).clamp_min_(0)
+
+
+def _lloyd(
+    points: Tensor,
+    weighted: Tensor,
+    weights: Tensor,
+    squared_norms: Tensor,
+    centres: Tensor,
+    max_iter: int,
+    threshold: float,
+) -> Clustering:
+    """Lloyd iterations from ``centres``; an empty cluster is moved to the point that is farthest (weighted)
+    from its own centre, as scikit-learn relocates them."""
+    labels, nearest = _assign(points, squared_norms, centres)
+    iterations, converged = 0, False
+    while iterations < max_iter and not converged:
+        iterations += 1
+        moved = _weighted_means(points, weighted, weights, labels, centres, nearest)
+        shift = float((moved - centres).square().sum())
+        centres = moved
+        new_labels, nearest = _assign(points, squared_norms, centres)
+        converged = shift <= threshold or torch.equal(new_labels, labels)
+        labels = new_labels
+    return Clustering(labels, centres, float(nearest @ weights), iterations)
+
+
+def _assign(points: Tensor, squared_norms: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Each point's nearest centre and its squared distance to it."""
+    distances = (centres.square().sum(1)[None, :] - 2 * points @ centres.T).add_(squared_norms[:, None])
+    nearest, labels = distances.min(dim=1)
+    return labels, nearest.clamp_min_(0)
+
+
+def _weighted_means(
+    points: Tensor, weighted: Tensor, weights: Tensor, labels: Tensor, centres: Tensor, nearest: Tensor
+) -> Tensor:
+    """The clusters' weighted means (``weighted``: the points times their weights)."""
+    clusters = centres.shape[0]
+    totals = torch.zeros(clusters, dtype=points.dtype).index_add_(0, labels, weights)
+    sums = torch.zeros_like(centres).index_add_(0, labels, weighted)
+    means = sums / totals.clamp_min(torch.finfo(points.dtype).tiny)[:, None]
+    empty = (totals == 0).nonzero().flatten()
+    if len(empty):
+        means[empty] = points[torch.topk(weights * nearest, len(empty)).indices]
+    return means
