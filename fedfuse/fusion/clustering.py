@@ -25,6 +25,7 @@ def group_neurons(
     groups: int,
     *,
     init: str = "k-means++",
+    variance: float = 1.0,
     **kmeans: int,
 ) -> Tensor:
     """Group neurons by ``"kmeans"`` or ``"hungarian"``: ``[K·n, groups]`` float64 shares, column k
@@ -39,12 +40,14 @@ def group_neurons(
         groups: fused neurons.
         init: how k-means starts: ``"reference"``, from the reference parent's neurons (when there are
             as many groups as it has neurons; k-means++ otherwise), or ``"k-means++"`` restarts.
+        variance: k-means works on the points' leading principal components that hold this share of
+            their weighted variance (`principal_components`); 1 keeps every dimension.
         kmeans: ``seed``, ``n_init`` (k-means++ restarts), ``max_iter`` for k-means.
     """
     if method == "hungarian":
         assignment = _hungarian(points, scores, groups)
     else:
-        assignment = _kmeans(points, scores, width, groups, init=init, **kmeans)
+        assignment = _kmeans(points, scores, width, groups, init=init, variance=variance, **kmeans)
     shares = _shares(assignment, scores, groups)
     return shares[:, _order_like_reference(points, shares, width)]
 
@@ -65,16 +68,42 @@ def _kmeans(
     groups: int,
     *,
     init: str,
+    variance: float,
     seed: int,
     n_init: int,
     max_iter: int,
 ) -> Tensor:
     # In float32, the precision of the activations the points come from: half the work of float64, and
     # the same groups (the cost a grouping reports is measured in float64 afterwards).
-    data, weights = points.float(), scores.float()
+    weights = scores.float()
+    data = principal_components(points.float(), weights, variance)
     start = data[:width] if init == "reference" and groups == width else None
     found = weighted_kmeans(data, weights, groups, seed=seed, n_init=n_init, max_iter=max_iter, start=start)
     return torch.as_tensor(_fill_empty_groups(data.numpy(), weights.numpy(), found.labels.numpy(), groups))
+
+
+def principal_components(points: Tensor, weights: Tensor, variance: float) -> Tensor:
+    """``[m, d]`` the points' coordinates along the fewest leading principal axes (of their ``weights``-
+    weighted spread around the weighted mean) that hold a ``variance`` share of it; the points
+    themselves when that takes all r dimensions.
+
+    The weighted k-means cost of any grouping splits into its part in these d dimensions and its part in
+    the rest, and the rest is at most the share left out of the points' total spread: with
+    ``variance=0.99``, costs (so groupings) are compared to within 1% of the spread, at d/r of the work.
+    Neuron values over a calibration set are far from isotropic (eight MNIST MLPs' 2,048 first-layer
+    neurons in 400 dimensions: 99% of the spread in 73), so d is usually a fraction of r.
+    """
+    if variance >= 1:
+        return points
+    mean = weights @ points / weights.sum()
+    centred = points - mean
+    spread = ((centred * weights[:, None]).T @ centred).double()
+    values, axes = torch.linalg.eigh(spread)  # ascending
+    held = values.flip(0).clamp_min(0).cumsum(0)
+    dims = min(int(torch.searchsorted(held, variance * held[-1])) + 1, points.shape[1])
+    if dims == points.shape[1]:
+        return points
+    return centred @ axes[:, -dims:].to(points)
 
 
 def _fill_empty_groups(
@@ -131,9 +160,22 @@ def _order_like_reference(points: Tensor, shares: Tensor, width: int) -> Tensor:
     model); groups beyond its width keep their order after those."""
     from scipy.optimize import linear_sum_assignment
 
-    _, matched = linear_sum_assignment(_squared_distances(points[:width], shares.T @ points).numpy())
+    _, matched = linear_sum_assignment(_squared_distances(points[:width], mix(shares, points)).numpy())
     rest = np.setdiff1d(np.arange(shares.shape[1]), matched)
     return torch.as_tensor(np.concatenate([matched, rest]))
+
+
+def mix(shares: Tensor, values: Tensor) -> Tensor:
+    """``shares.T @ values``, ``[groups, ...]`` from ``[m, groups]`` and ``[m, ...]``: each group's mix of
+    its members' rows. A grouping gives each neuron at most one group, so the product is a weighted
+    scatter of the m rows, not a dense product over all groups (256 times less work at 256 groups)."""
+    members = shares != 0
+    if bool((members.sum(dim=1) > 1).any()):
+        return shares.to(values).T @ values
+    owner = shares.argmax(dim=1)
+    share = shares.gather(1, owner[:, None]).to(values)
+    mixed = values.new_zeros((shares.shape[1], *values.shape[1:]))
+    return mixed.index_add_(0, owner.to(values.device), values * share.reshape(-1, *[1] * (values.dim() - 1)))
 
 
 def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
@@ -145,7 +187,7 @@ def grouping_cost(points: Tensor, variances: Tensor, scores: Tensor, shares: Ten
     """Σ_j s_j‖z_j − T_a(j)‖² / Σ_j s_j‖z_j − z̄_j‖², from the points, for any shares matrix (a neuron
     with share 0 in every group counts as no group's member)."""
     members = shares > 0
-    targets = shares.T @ points  # [groups, r]
+    targets = mix(shares, points)  # [groups, r]
     assignment = shares.argmax(dim=1)
     lost = (scores * ((points - targets[assignment]) ** 2).sum(1) * members.any(dim=1)).sum()
     variance = (scores * variances).sum()

@@ -69,6 +69,11 @@ class FusionConfig:
         grouping_dims: the most dimensions of the points grouping works on (`fedfuse.fusion.embedding`):
             exact while the calibration rows, or the K·n parent neurons, number at most this; above
             it, a seeded sketch whose squared distances have a relative error of about √(2/dims).
+        grouping_variance: k-means works on the leading principal components of the neurons' points
+            that hold this share of their importance-weighted variance (`fedfuse.fusion.clustering.
+            principal_components`): any grouping's k-means cost there is within 1 − grouping_variance of
+            the points' spread of its cost on all dimensions, and the work falls with the dimensions
+            (eight MNIST MLPs: 73 of 400; docs/benchmarks.md). 1 keeps every dimension.
         conductance_steps: integration steps of conductance (the paper uses 10).
         progress: show a progress bar over levels.
         width_multiplier: fused hidden levels get round(multiplier · width) neurons (k-means makes any
@@ -114,6 +119,7 @@ class FusionConfig:
     kmeans_n_init: int = 1
     kmeans_max_iter: int = 300
     grouping_dims: int = 1024
+    grouping_variance: float = 0.99
     conductance_steps: int = 10
     progress: bool = False
     width_multiplier: float = 1.0
@@ -178,6 +184,10 @@ class FusionConfig:
         if not (isinstance(self.width_multiplier, (int, float)) and 0 < self.width_multiplier < math.inf):
             raise ValueError(
                 f"FusionConfig.width_multiplier must be a positive number, got {self.width_multiplier!r}"
+            )
+        if not (isinstance(self.grouping_variance, (int, float)) and 0 < self.grouping_variance <= 1):
+            raise ValueError(
+                f"FusionConfig.grouping_variance must be in (0, 1], got {self.grouping_variance!r}"
             )
         if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
             raise ValueError(

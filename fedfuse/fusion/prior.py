@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from fedfuse.fusion.clustering import mix
 from fedfuse.fusion.levels import Level
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def aligned_average(
             matrix = summed.flatten(1)
         aligned.append(torch.cat([matrix, bias], dim=1))
     stacked = torch.cat(aligned, dim=0)  # [K·n, fan_in' (+1)]
-    return shares.to(stacked).T.matmul(stacked).T
+    return mix(shares.to(stacked.device), stacked).T
 
 
 def weight_norm(weights: Tensor, with_bias: bool) -> float:

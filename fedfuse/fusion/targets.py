@@ -140,6 +140,7 @@ def group_space(space: Space, embeddings: Sequence[NeuronEmbedding], context: Fu
         space.width,
         context.groups(space.name),
         init=config.kmeans_init,
+        variance=config.grouping_variance,
         seed=config.seed,
         n_init=config.kmeans_n_init,
         max_iter=config.kmeans_max_iter,
