@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedfuse import FusionConfig
-from fedfuse.fusion.clustering import principal_components
+from fedfuse.fusion.clustering import principal_components, projection_pays
 
 
 def _cost(points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, groups: int) -> float:
@@ -34,17 +34,25 @@ def test_any_groupings_cost_moves_by_at_most_the_variance_left_out() -> None:
         assert full - reduced <= 0.01 * spread
 
 
-def test_points_of_low_rank_keep_every_distance() -> None:
+@pytest.mark.parametrize(("count", "dims"), [(300, 50), (50, 300)])  # axes from the spread, from the Gram
+def test_points_of_low_rank_keep_every_distance(count: int, dims: int) -> None:
     generator = torch.Generator().manual_seed(1)
-    points = torch.randn(300, 5, dtype=torch.float64, generator=generator) @ torch.randn(
-        5, 50, dtype=torch.float64, generator=generator
+    points = torch.randn(count, 5, dtype=torch.float64, generator=generator) @ torch.randn(
+        5, dims, dtype=torch.float64, generator=generator
     )
-    projected = principal_components(points, torch.ones(300, dtype=torch.float64), 0.999999)
-    assert projected.shape[1] == 5
+    weights = torch.rand(count, dtype=torch.float64, generator=generator)
+    weights[3] = 0.0  # a neuron of no importance is still placed
+    projected = principal_components(points, weights, 0.999999)
+    assert projected.shape == (count, 5)
     exact = "donot_use_mm_for_euclid_dist"
     assert torch.allclose(
         torch.cdist(projected, projected, compute_mode=exact), torch.cdist(points, points, compute_mode=exact)
     )
+
+
+def test_the_projection_is_used_where_it_saves_work() -> None:
+    assert projection_pays(points=2048, dims=400, groups=256)  # eight MLPs' hidden layer
+    assert not projection_pays(points=512, dims=2048, groups=64)  # eight ResNets' stream in a wide sketch
 
 
 def test_a_share_of_one_keeps_the_points() -> None:

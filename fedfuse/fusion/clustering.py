@@ -10,6 +10,8 @@ restarts at some cost in accuracy (docs/benchmarks.md). Hungarian matching costs
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -75,8 +77,9 @@ def _kmeans(
 ) -> Tensor:
     # In float32, the precision of the activations the points come from: half the work of float64, and
     # the same groups (the cost a grouping reports is measured in float64 afterwards).
-    weights = scores.float()
-    data = principal_components(points.float(), weights, variance)
+    weights, data = scores.float(), points.float()
+    if projection_pays(*data.shape, groups):
+        data = principal_components(data, weights, variance)
     start = data[:width] if init == "reference" and groups == width else None
     found = weighted_kmeans(data, weights, groups, seed=seed, n_init=n_init, max_iter=max_iter, start=start)
     return torch.as_tensor(_fill_empty_groups(data.numpy(), weights.numpy(), found.labels.numpy(), groups))
@@ -91,19 +94,43 @@ def principal_components(points: Tensor, weights: Tensor, variance: float) -> Te
     the rest, and the rest is at most the share left out of the points' total spread: with
     ``variance=0.99``, costs (so groupings) are compared to within 1% of the spread, at d/r of the work.
     Neuron values over a calibration set are far from isotropic (eight MNIST MLPs' 2,048 first-layer
-    neurons in 400 dimensions: 99% of the spread in 73), so d is usually a fraction of r.
+    neurons in 400 dimensions: 99% of the spread in 73), so d is usually a fraction of r. The axes come
+    from the smaller of the r x r spread and the m x m Gram matrix of the weighted points: O(m·r·s + s³),
+    s = min(m, r).
     """
+    m, r = points.shape
     if variance >= 1:
         return points
-    mean = weights @ points / weights.sum()
-    centred = points - mean
-    spread = ((centred * weights[:, None]).T @ centred).double()
-    values, axes = torch.linalg.eigh(spread)  # ascending
+    centred = points - weights @ points / weights.sum()
+    scaled = centred * weights.sqrt()[:, None]
+    if m < r:  # eigenvectors U of the Gram matrix give the axes: scaledᵀ·U / √λ
+        values, vectors = torch.linalg.eigh((scaled @ scaled.T).double())  # ascending
+    else:
+        values, vectors = torch.linalg.eigh((scaled.T @ scaled).double())
     held = values.flip(0).clamp_min(0).cumsum(0)
-    dims = min(int(torch.searchsorted(held, variance * held[-1])) + 1, points.shape[1])
-    if dims == points.shape[1]:
+    dims = min(int(torch.searchsorted(held, variance * held[-1])) + 1, r)
+    if dims == r:
         return points
-    return centred @ axes[:, -dims:].to(points)
+    axes = vectors[:, -dims:].to(points)
+    if m < r:
+        axes = scaled.T @ axes / values[-dims:].clamp_min(torch.finfo(torch.float64).tiny).sqrt().to(points)
+    return centred @ axes
+
+
+#: Lloyd iterations a k-means run is expected to take, for weighing a projection against what it saves
+#: (runs on the fusion benchmark's levels took 10-30).
+EXPECTED_LLOYD_ITERATIONS = 10
+
+
+def projection_pays(points: int, dims: int, groups: int) -> bool:
+    """Whether `principal_components` of ``points`` x ``dims`` (O(m·r·s + s³), s = min(m, r)) costs less
+    than half the k-means work it shortens: O(m·r·k) per Lloyd iteration and per k-means++ trial. Many
+    groups of few dimensions pay (eight MLPs' 256 groups in 400 dimensions); a convolution's few
+    channels in a wide sketch do not."""
+    smaller = min(points, dims)
+    trials = 2 + math.log(groups)
+    kmeans = points * dims * groups * (EXPECTED_LLOYD_ITERATIONS + trials)
+    return points * dims * smaller + smaller**3 < kmeans / 2
 
 
 def _fill_empty_groups(

@@ -105,6 +105,8 @@ def fuse(
     calibration_set = CalibrationSet(calibration, config.batch_size)
     parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
     plan, example = _plan(parents[0], calibration_set, config, levels)
+    if _forward_only(config) and _runs_channels_last(parents[0], example):
+        parents = [parent.to(memory_format=torch.channels_last) for parent in parents]
     _check_width(config, len(models), plan)
     # Measured on the calibration set: the parents' order (by what they compute, never by arrival) and,
     # unless the caller gives weights, how much each parent counts per class.
@@ -294,10 +296,43 @@ def _average_the_rest(fused: nn.Module, parents: list[nn.Module], plan: LevelPla
             buffer.copy_(mean if buffer.is_floating_point() else values.max(0).values)
 
 
+def _forward_only(config: FusionConfig) -> bool:
+    """Whether a fusion with ``config`` runs no backward pass: the linear variant with uniform importance,
+    no sharpness limit and no polish. Only such fusions use channels-last convolutions
+    (`_runs_channels_last`): in torch 2.13 on the CPU, a channels-last convolution's weight gradient run
+    in a thread other than the main one can corrupt the heap (oneDNN; seen as an abort in
+    ``mkldnn_convolution_backward_weights`` when the strategy fused with the gradient variant)."""
+    return (
+        config.variant == "linear"
+        and config.importance == "uniform"
+        and config.sharpness_limit == "none"
+        and not config.polish_epochs
+    )
+
+
+def _runs_channels_last(model: nn.Module, example: Tensor) -> bool:
+    """Whether ``model`` has 2-D convolution weights and still runs with them in channels-last memory
+    format (a ``view`` of their outputs, as in Flower's quickstart ``Net``, does not). Fusing in that
+    format makes the convolutions' outputs channels-last too: a level's neuron values are then rows of
+    neurons (`rows_of`) without a copy, and on the CPU the convolutions run about a third faster
+    (ResNet-8 on MNIST batches). The format changes no value."""
+    if not any(parameter.dim() == 4 for parameter in model.parameters()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001 - any failure means: fuse in the model's own format
+        return False
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    return True
+
+
 def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:
-    """The fused model where parent 0 was, in its train/eval mode."""
+    """The fused model where parent 0 was, in its train/eval mode and the usual memory format."""
     parameter = next(model.parameters())
-    return fused.to(parameter.device).train(model.training)
+    return fused.to(parameter.device, memory_format=torch.contiguous_format).train(model.training)
 
 
 def _report(
