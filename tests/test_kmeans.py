@@ -84,3 +84,13 @@ def test_a_given_start_is_where_lloyd_begins() -> None:
 def test_more_clusters_than_points_is_refused() -> None:
     with pytest.raises(ValueError, match="5 clusters asked of 4 points"):
         weighted_kmeans(torch.randn(4, 2), torch.ones(4), 5, seed=0)
+
+
+def test_points_far_from_the_origin_are_grouped_as_if_they_were_not() -> None:
+    """In float32, ‖x‖² − 2x·c + ‖c‖² loses the distances when every point shares a large offset (neuron
+    values share a large positive mean): k-means works about the points' mean."""
+    points, _ = _blobs(clusters=8, per_cluster=40, dims=16, seed=3)
+    near = weighted_kmeans(points, torch.ones(len(points)), 8, seed=0)
+    far = weighted_kmeans(points + 1e4, torch.ones(len(points)), 8, seed=0)
+    assert torch.equal(near.labels, far.labels)
+    assert torch.allclose(far.centres - 1e4, near.centres, atol=1e-2)

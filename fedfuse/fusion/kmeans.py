@@ -62,10 +62,14 @@ def weighted_kmeans(
     if not 1 <= clusters <= points.shape[0]:
         raise ValueError(f"k-means: {clusters} clusters asked of {points.shape[0]} points")
     weights = weights.to(points.dtype)
+    # Distances are ‖x‖² − 2x·c + ‖c‖²: about the points' own mean, not the origin, so that in float32
+    # they do not drown in the norms (neuron values share a large positive mean), as scikit-learn does.
+    mean = points.mean(0)
+    points = points - mean
     squared_norms = points.square().sum(1)
     threshold = tol * float(points.var(0, unbiased=False).mean()) if tol > 0 else 0.0
     generator = torch.Generator().manual_seed(seed)
-    starts = [start.to(points.dtype)] if start is not None else None
+    starts = [start.to(points.dtype) - mean] if start is not None else None
     best: Clustering | None = None
     weighted = points * weights[:, None]
     for _ in range(1 if starts else n_init):
@@ -78,7 +82,7 @@ def weighted_kmeans(
         if best is None or found.inertia < best.inertia:
             best = found
     assert best is not None
-    return best
+    return Clustering(best.labels, best.centres + mean, best.inertia, best.iterations)
 
 
 def _greedy_kmeans_plusplus(
