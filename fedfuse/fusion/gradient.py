@@ -130,7 +130,7 @@ def _start_from_prior(
     weight = prior[:fan_in]
     bias = prior[fan_in] if with_bias else torch.zeros(prior.shape[1], dtype=torch.float64)
     with torch.no_grad():
-        rows = [layer_inputs(layer, batch).double() @ weight for batch in inputs.split(1024)]
+        rows = [layer_inputs(layer, batch).flatten(0, -2).double() @ weight for batch in inputs.split(1024)]
         outputs = torch.cat(rows) + bias
     write_level(layer, norm, weight, bias, outputs.mean(0), outputs.var(0, unbiased=False))
 

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 
 def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
-    """The rows a layer multiplies by its weight: ``[rows, fan_in]``.
+    """The rows a layer multiplies by its weight: ``[..., fan_in]``, the leading dimensions indexing rows
+    (flattened, ``[rows, fan_in]``; left unflattened so that a consumer copying them anyway, as
+    `LevelStatistics.add` does, makes the only copy).
 
     A Linear's input ``[..., in_features]`` gives one row per leading index; a convolution's input
-    ``[B, C, *spatial]`` gives one row per output position: its patch, ``C·prod(kernel)`` values in the
-    order of ``weight.flatten(1)``. Padding of every mode (and ``padding="same"``) is applied as the layer
-    does. Rows line up with `rows_of` the layer's output.
+    ``[B, C, *spatial]`` gives ``[B, positions, C·prod(kernel)]``, one row per output position: its patch,
+    in the order of ``weight.flatten(1)``. Padding of every mode (and ``padding="same"``) is applied as
+    the layer does. Rows line up with `rows_of` the layer's output.
     """
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
@@ -33,8 +35,8 @@ def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
         else:
             kernel, dilation, stride = layer.kernel_size, layer.dilation, layer.stride
         patches = F.unfold(padded, kernel, dilation=dilation, stride=stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return x.reshape(-1, x.shape[-1])
+        return patches.transpose(1, 2)
+    return x
 
 
 def layer_fan_in(layer: nn.Module) -> int:
@@ -78,12 +80,13 @@ class LevelStatistics:
         self._symmetric: Tensor | None = None
 
     def add(self, x: Tensor, t: Tensor) -> None:
-        """Add a batch: ``x`` ``[rows, d]`` fused inputs and ``t`` ``[rows, g]`` their targets."""
-        rows = x.shape[0]
+        """Add a batch: ``x`` ``[..., d]`` fused inputs (leading dimensions: rows, as `layer_inputs` gives
+        them) and ``t`` ``[rows, g]`` their targets."""
+        rows = t.shape[0]
         if self._buffer.shape[0] < rows:
             self._buffer = self._buffer.new_empty(rows, self._buffer.shape[1])
         batch = self._buffer[:rows]
-        batch[:, : self._d].copy_(x)
+        batch[:, : self._d].unflatten(0, x.shape[:-1]).copy_(x)
         batch[:, self._d :].copy_(t)
         self.rows += rows
         self._symmetric = None

@@ -88,7 +88,7 @@ def input_grams(model: nn.Module, layers: Sequence[str], x: Tensor, batch_size: 
 
     def hook(name: str, layer: nn.Module):
         def record(_: nn.Module, args: tuple) -> None:
-            rows = layer_inputs(layer, args[0]).double()
+            rows = layer_inputs(layer, args[0]).flatten(0, -2).double()
             if layer.bias is not None:
                 rows = torch.cat([rows, rows.new_ones(len(rows), 1)], dim=1)
             grams[name] = grams.get(name, 0) + rows.T @ rows
