@@ -94,3 +94,12 @@ def test_points_far_from_the_origin_are_grouped_as_if_they_were_not() -> None:
     far = weighted_kmeans(points + 1e4, torch.ones(len(points)), 8, seed=0)
     assert torch.equal(near.labels, far.labels)
     assert torch.allclose(far.centres - 1e4, near.centres, atol=1e-2)
+
+
+def test_lloyd_stops_once_an_iteration_barely_lowers_the_cost() -> None:
+    points = torch.randn(4000, 24, generator=torch.Generator().manual_seed(4))
+    weights = torch.ones(4000)
+    patient = weighted_kmeans(points, weights, 64, seed=0, cost_tol=0.0)
+    default = weighted_kmeans(points, weights, 64, seed=0)
+    assert default.iterations < patient.iterations
+    assert default.inertia < patient.inertia * 1.005

@@ -44,6 +44,7 @@ def weighted_kmeans(
     n_init: int = 1,
     max_iter: int = 300,
     tol: float = 1e-4,
+    cost_tol: float = 1e-4,
     start: Tensor | None = None,
 ) -> Clustering:
     """Minimise Σ_j w_j‖x_j − c_a(j)‖² over assignments a and centres c.
@@ -57,6 +58,9 @@ def weighted_kmeans(
         max_iter: Lloyd iterations per start.
         tol: stop when the centres move less than ``tol`` times the points' mean per-coordinate variance
             (squared distance summed over centres), as scikit-learn does; also stop when no label changes.
+        cost_tol: also stop when an iteration lowers the weighted cost by less than this share of it,
+            which scikit-learn does not: on 16,384 neurons (64 MLPs) its rule ran 50 iterations, of which
+            the last 30 lowered the cost by 0.13% in all, a fraction of what one k-means++ draw changes.
         start: ``[k, r]`` initial centres instead of k-means++ (then one run).
     """
     if not 1 <= clusters <= points.shape[0]:
@@ -78,7 +82,7 @@ def weighted_kmeans(
             if starts
             else _greedy_kmeans_plusplus(points, weights, squared_norms, clusters, generator)
         )
-        found = _lloyd(points, weighted, weights, squared_norms, centres, max_iter, threshold)
+        found = _lloyd(points, weighted, weights, squared_norms, centres, max_iter, threshold, cost_tol)
         if best is None or found.inertia < best.inertia:
             best = found
     assert best is not None
@@ -119,10 +123,12 @@ def _lloyd(
     centres: Tensor,
     max_iter: int,
     threshold: float,
+    cost_tol: float,
 ) -> Clustering:
     """Lloyd iterations from ``centres``; an empty cluster is moved to the point that is farthest (weighted)
     from its own centre, as scikit-learn relocates them."""
     labels, nearest = _assign(points, squared_norms, centres)
+    cost = float(nearest @ weights)
     iterations, converged = 0, False
     while iterations < max_iter and not converged:
         iterations += 1
@@ -130,9 +136,12 @@ def _lloyd(
         shift = float((moved - centres).square().sum())
         centres = moved
         new_labels, nearest = _assign(points, squared_norms, centres)
-        converged = shift <= threshold or torch.equal(new_labels, labels)
+        previous, cost = cost, float(nearest @ weights)
+        converged = (
+            shift <= threshold or torch.equal(new_labels, labels) or previous - cost <= cost_tol * cost
+        )
         labels = new_labels
-    return Clustering(labels, centres, float(nearest @ weights), iterations)
+    return Clustering(labels, centres, cost, iterations)
 
 
 def _assign(points: Tensor, squared_norms: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
