@@ -96,8 +96,7 @@ def principal_components(points: Tensor, weights: Tensor, variance: float) -> Te
     work. Neuron values over a calibration set are far from isotropic (eight MNIST MLPs' 2,048
     first-layer neurons in 400 dimensions: 99.9% of the spread in 204, 99% in 73), so d is usually a
     fraction of r. The axes come from the smaller of the r x r spread and the m x m Gram matrix of the
-    weighted points: O(m·r·s + s³),
-    s = min(m, r).
+    weighted points: O(m·r·s + s³), s = min(m, r).
     """
     m, r = points.shape
     if variance >= 1:
