@@ -13,7 +13,7 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from simulations.baselines.flower_strategies import PROXIMAL_MU, build_strategy
@@ -21,6 +21,7 @@ from simulations.one_shot import client_app
 from simulations.one_shot.cli import build_parser, main, plan
 from simulations.one_shot.flower_training import OrderedGrid, Phase, phases_of
 from simulations.one_shot.setting import HARNESS_FEDAVG, ONE_SHOT, ROUNDS, Setting
+from tests.fake_replies import error_reply, train_reply
 
 
 def test_without_rounds_the_server_runs_the_one_shot_round_alone() -> None:
@@ -72,26 +73,7 @@ def test_every_reference_trains_as_long_in_all_and_from_the_same_batches() -> No
 
 
 def reply(partition_id: int, value: float, message_id: str) -> Mock:
-    message = Mock(spec=Message)
-    message.has_error.return_value = False
-    message.content = RecordDict(
-        {
-            "arrays": ArrayRecord({"w": Array(np.full(2, value, dtype=np.float32))}),
-            "metrics": MetricRecord({"num-examples": 10, "partition-id": partition_id}),
-        }
-    )
-    message.metadata.reply_to_message_id = message_id
-    message.metadata.src_node_id = 100 + partition_id
-    return message
-
-
-def error_reply(message_id: str, reason: str) -> Mock:
-    message = Mock(spec=Message)
-    message.has_error.return_value = True
-    message.error.reason = reason
-    message.metadata.reply_to_message_id = message_id
-    message.metadata.src_node_id = 1  # the SuperLink, replying in a dead node's place
-    return message
+    return train_reply(partition_id, value, size=2, message_id=message_id)
 
 
 class FakeGrid:
@@ -130,7 +112,10 @@ def test_a_strategy_gets_its_replies_in_partition_order_whatever_order_they_arri
 
 
 def test_a_failed_or_missing_reply_is_kept_and_refused_naming_the_node() -> None:
-    arrived = [error_reply("m1", "ClientAppException: out of memory"), reply(0, 0.0, "m0")]
+    arrived = [
+        error_reply("ClientAppException: out of memory", node_id=1, message_id="m1"),
+        reply(0, 0.0, "m0"),
+    ]
     grid = OrderedGrid(FakeGrid(arrived), "Flower flwr-fedprox round", enabled=False)
     replies = grid.send_and_receive(instructions(3), timeout=0.3)
     assert not replies[0].has_error() and replies[1].has_error()  # failures last

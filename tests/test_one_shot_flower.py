@@ -11,32 +11,16 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
 
 from simulations.one_shot.collector import ClientCollector
 from simulations.one_shot.progress_grid import ProgressGrid
+from tests.fake_replies import error_reply, train_reply
 
 
 def reply(partition_id: int, value: float, examples: int) -> Mock:
     """A valid training reply of client ``partition_id``: one array filled with ``value``."""
-    message = Mock(spec=Message)
-    message.has_error.return_value = False
-    message.content = RecordDict(
-        {
-            "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
-            "metrics": MetricRecord({"num-examples": examples, "partition-id": partition_id}),
-        }
-    )
-    message.metadata.src_node_id = 100 + partition_id
-    return message
-
-
-def error_reply(node_id: int, reason: str) -> Mock:
-    message = Mock(spec=Message)
-    message.has_error.return_value = True
-    message.error.reason = reason
-    message.metadata.src_node_id = node_id
-    return message
+    return train_reply(partition_id, value, examples=examples)
 
 
 def test_the_collector_keeps_every_clients_model_by_partition_and_still_averages_as_fedavg() -> None:
@@ -60,7 +44,7 @@ def test_the_average_is_taken_in_partition_order_whatever_order_the_replies_arri
 def test_a_missing_client_is_an_error_naming_its_partition_and_flowers_reason() -> None:
     collector = ClientCollector(num_clients=3)
     collector.aggregate_train(
-        1, [reply(0, 1.0, 10), error_reply(7, "ClientAppException: out of memory"), reply(2, 2.0, 5)]
+        1, [reply(0, 1.0, 10), error_reply("ClientAppException: out of memory", node_id=7), reply(2, 2.0, 5)]
     )
     with pytest.raises(RuntimeError, match=r"2 of 3 client models \(partitions without one: \[1\]\)"):
         collector.check_complete()
@@ -70,7 +54,7 @@ def test_a_missing_client_is_an_error_naming_its_partition_and_flowers_reason() 
 
 def test_a_client_that_failed_in_an_earlier_round_is_an_error_too() -> None:
     collector = ClientCollector(num_clients=2)
-    collector.aggregate_train(1, [reply(0, 1.0, 10), error_reply(8, "timeout")])
+    collector.aggregate_train(1, [reply(0, 1.0, 10), error_reply("timeout", node_id=8)])
     collector.aggregate_train(2, [reply(0, 1.0, 10), reply(1, 2.0, 10)])
     with pytest.raises(RuntimeError, match=r"2 of 2 client models .*node 8: timeout"):
         collector.check_complete()
