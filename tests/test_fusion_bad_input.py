@@ -48,6 +48,15 @@ def test_a_parent_with_nan_or_inf_is_named(bad: float) -> None:
         fuse([mlp(), broken], CALIBRATION)
 
 
+def test_a_parent_whose_activations_overflow_is_named() -> None:
+    overflowing = mlp()
+    with torch.no_grad():  # finite weights whose float32 products are not
+        overflowing[0].weight.mul_(1e30)
+        overflowing[2].weight.mul_(1e30)
+    with pytest.raises(ValueError, match=r"parent 1's outputs on the calibration set are not finite"):
+        fuse([mlp(), overflowing], CALIBRATION)
+
+
 @pytest.mark.parametrize(
     "empty", [torch.empty(0, 6), (torch.empty(0, 6), torch.empty(0, dtype=torch.long)), []]
 )

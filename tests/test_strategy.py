@@ -267,7 +267,15 @@ def spy_on_fuse(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
 
     def spy(models, calibration, config=None, weights=None, levels=None):
-        calls.append({"parents": len(models), "models": list(models), "weights": weights, "levels": levels})
+        calls.append(
+            {
+                "parents": len(models),
+                "models": list(models),
+                "weights": weights,
+                "levels": levels,
+                "config": config,
+            }
+        )
         return fuse(models, calibration, config=config, weights=weights, levels=levels)
 
     monkeypatch.setattr(fedfuse_module, "fuse", spy)
@@ -568,6 +576,29 @@ def test_in_a_multi_round_run_the_next_round_starts_from_the_fused_model(task_id
         for state in received[3 * (round_ - 1) : 3 * round_]:
             for key, tensor in fused_per_round[round_ - 1].to_torch_state_dict().items():
                 torch.testing.assert_close(state[key], tensor, rtol=0, atol=0)
+
+
+def test_rounds_the_clients_train_further_group_by_index_and_lean_on_the_average_the_last_as_configured(
+    task_identity, calibration, monkeypatch
+):
+    calls = spy_on_fuse(monkeypatch)
+    configured = FusionConfig(seed=3, ridge=0.05)
+    strategy = FedFuse(make_net, calibration, fusion_config=configured, fraction_evaluate=0.0)
+    strategy.start(
+        grid=FakeGrid(training_client).grid, initial_arrays=ArrayRecord(make_net().state_dict()), num_rounds=3
+    )
+    assert [call["config"] for call in calls] == [
+        fedfuse_module.continuing(configured),
+        fedfuse_module.continuing(configured),
+        configured,
+    ]
+    assert fedfuse_module.continuing(configured).grouping == "index"
+    assert fedfuse_module.continuing(configured).ridge == fedfuse_module.CONTINUING_RIDGE
+
+
+def test_a_fusion_that_would_change_the_clients_architecture_is_refused(calibration):
+    with pytest.raises(ValueError, match="width_multiplier must be 1 in a Flower strategy"):
+        FedFuse(make_net, calibration, fusion_config=FusionConfig(width_multiplier=2))
 
 
 def test_a_federation_of_faulty_clients_survives_start_and_its_result_holds_the_initial_model(

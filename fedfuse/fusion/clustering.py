@@ -5,7 +5,8 @@ importance-weighted k-means cost Σ_j s_j‖z_j − T_a(j)‖², where z_j is ne
 all calibration rows. Grouping works on points with the same pairwise distances in few dimensions
 (`fedfuse.fusion.embedding`), so its cost is linear in K: a Lloyd iteration costs O(K·n · n · r) and
 a k-means++ start O(K·n · n · r · log n); starting from the reference parent's neurons instead saves the
-restarts at some cost in accuracy (docs/benchmarks.md). Hungarian matching costs O(n³) for two parents.
+restarts at some cost in accuracy (docs/benchmarks.md). Hungarian matching costs O(n³) for two parents;
+grouping by index (parents that share an ancestor) costs nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def group_neurons(
     variance: float = 1.0,
     **kmeans: int,
 ) -> Tensor:
-    """Group neurons by ``"kmeans"`` or ``"hungarian"``: ``[K·n, groups]`` float64 shares, column k
-    holding the weights s_j / S_k of group k's members (zero elsewhere), so that the group targets are
-    T = Z·shares. Groups come out aligned with the reference parent's neurons (the first ``width`` points).
+    """Group neurons by ``"kmeans"``, ``"hungarian"`` or ``"index"``: ``[K·n, groups]`` float64 shares,
+    column k holding the weights s_j / S_k of group k's members (zero elsewhere), so that the group
+    targets are T = Z·shares. Groups come out aligned with the reference parent's neurons (the first
+    ``width`` points).
 
     Args:
         points: ``[m, r]`` one point per parent neuron (m = K·n, parent by parent), with the neurons'
@@ -46,6 +48,8 @@ def group_neurons(
             their weighted variance (`principal_components`); 1 keeps every dimension.
         kmeans: ``seed``, ``n_init`` (k-means++ restarts), ``max_iter`` for k-means.
     """
+    if method == "index":
+        return _shares(_by_index(points.shape[0], width, groups), scores, groups)
     if method == "hungarian":
         assignment = _hungarian(points, scores, groups)
     else:
@@ -154,6 +158,13 @@ def _fill_empty_groups(
         distance[counts[labels] < 2] = -np.inf
         labels[int(np.lexsort((counts[labels], distance))[-1])] = empty
     return labels
+
+
+def _by_index(neurons: int, width: int, groups: int) -> Tensor:
+    """Neuron j of every parent in group j: ``[K·n]`` group indices, parent by parent."""
+    if groups != width:
+        raise ValueError(f"index grouping keeps the parents' {width} neurons; {groups} groups asked")
+    return torch.arange(width).repeat(neurons // width)
 
 
 def _hungarian(points: Tensor, scores: Tensor, groups: int) -> Tensor:

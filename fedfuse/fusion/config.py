@@ -13,7 +13,7 @@ CLASS_WEIGHTS = ("calibration", "uniform")
 OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
 PRIORS = ("parents", "zero")
 SHARPNESS_LIMITS = ("none", "parents")
-GROUPINGS = ("kmeans", "hungarian")
+GROUPINGS = ("kmeans", "hungarian", "index")
 KMEANS_INITS = ("reference", "k-means++")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
 
@@ -30,7 +30,10 @@ class FusionConfig:
             transformer block) and any declared architecture.
         grouping: how the K·n parent neurons of a level are grouped into n fused neurons.
             ``"kmeans"``: importance-weighted k-means, any K. ``"hungarian"``: optimal one-to-one
-            matching of the two parents' neurons, K = 2 only.
+            matching of the two parents' neurons, K = 2 only. ``"index"``: neuron j of every parent
+            makes fused neuron j, no search: for parents that share an ancestor, as the clients of one
+            Flower round do (they all start from the global model, and training never moves neuron j
+            to another place), the correspondence FedAvg assumes; the parents' width only.
         importance: the neuron importance score s_j that weights grouping and targets.
             ``"uniform"``: all ones. ``"gradient_x_activation"``: mean |activation × gradient| (one
             backward pass, cheap). ``"conductance"``: captum's LayerConductance. ``"deeplift"``:
@@ -102,8 +105,7 @@ class FusionConfig:
             ridge (toward the aligned prior) until the fused model's loss is no sharper on the
             calibration set than its parents' median (`fedfuse.fusion.sharpness`): clients trained by
             SGD sit at the sharpness their learning rate allows, and a sharper start diverges. Needs
-            labels. ``"none"`` (the default): the most accurate fit. FedFuse sets ``"parents"`` for
-            every round but the last.
+            labels. ``"none"`` (the default): the most accurate fit.
     """
 
     variant: str = "linear"
@@ -185,6 +187,11 @@ class FusionConfig:
         if not (isinstance(self.width_multiplier, (int, float)) and 0 < self.width_multiplier < math.inf):
             raise ValueError(
                 f"FusionConfig.width_multiplier must be a positive number, got {self.width_multiplier!r}"
+            )
+        if self.grouping == "index" and self.width_multiplier != 1:
+            raise ValueError(
+                "FusionConfig.grouping='index' keeps the parents' width (neuron j of each makes fused "
+                f"neuron j); got width_multiplier={self.width_multiplier!r}. Use 'kmeans'"
             )
         if not (isinstance(self.grouping_variance, (int, float)) and 0 < self.grouping_variance <= 1):
             raise ValueError(

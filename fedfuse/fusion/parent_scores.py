@@ -67,8 +67,12 @@ def score_parents(
 ) -> ParentScores:
     """One pass of every parent (eval mode) over the calibration set.
 
+    Parents whose outputs are not ``[batch, classes]`` logits all get NaN scores (they are then ordered
+    by their parameters alone, and weighted by the caller's weights).
+
     Raises:
-        ValueError: a parent's output is not ``[batch, classes]`` logits.
+        ValueError: a parent's outputs are not finite on some calibration input (its weights are finite,
+            but its activations overflow): every fit of every level would be NaN.
     """
     parents_count = len(parents)
     loss = torch.zeros(parents_count, dtype=torch.float64)
@@ -88,6 +92,11 @@ def score_parents(
                 if logits.dim() != 2 or logits.shape[1] != classes:
                     return ParentScores(
                         undefined, undefined[:, None].expand(-1, classes), counts * 0, undefined, undefined
+                    )
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError(
+                        f"parent {k}'s outputs on the calibration set are not finite (its activations "
+                        "overflow): leave it out of the fusion"
                     )
                 logits = logits.double().cpu()
                 log_probabilities = F.log_softmax(logits, dim=1)

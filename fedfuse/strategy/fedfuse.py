@@ -37,6 +37,10 @@ from fedfuse.strategy.screening import Screening, ScreeningRule, measure, screen
 #: How the fusion weights the clients: measured by the server, or as the clients claim.
 PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
 
+#: How hard a round whose model the clients train further pulls each fit toward the clients' average
+#: (`continuing`), relative to the mean energy of the level's inputs (`FusionConfig.ridge`).
+CONTINUING_RIDGE = 10.0
+
 #: The server-side calibration data: inputs, an (inputs, labels) pair, or a re-iterable of batches.
 Calibration = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Iterable
 
@@ -179,6 +183,11 @@ class FedFuse(FedAvg):
         self.screening = screening
         self.claim_cap = claim_cap
         self.fusion_timeout = fusion_timeout
+        if self.fusion_config.width_multiplier != 1:
+            raise ValueError(
+                "fusion_config.width_multiplier must be 1 in a Flower strategy: the clients train the "
+                f"global model's architecture, got {self.fusion_config.width_multiplier!r}"
+            )
         self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
         # The global model sent out by the last configure_train: replies must match its keys, shapes
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
@@ -245,7 +254,7 @@ class FedFuse(FedAvg):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run the rounds as `FedAvg.start` does, knowing how many there are: the fused model of every
-        round but the last is one the clients train further, so it is kept no sharper than theirs."""
+        round but the last is one the clients train further, fused as `continuing` says."""
         self._rounds = num_rounds
         try:
             return super().start(grid, initial_arrays, num_rounds, **kwargs)
@@ -490,11 +499,11 @@ class FedFuse(FedAvg):
 
     def _fuse(self, valid: list[TrainReply], parents: list[nn.Module], server_round: int) -> FusionResult:
         """Fuse the clients' models, within ``fusion_timeout``. In a `start` run, a round before the last
-        fuses with ``sharpness_limit="parents"`` (its clients train from the result)."""
+        fuses as `continuing` says (its clients train from the result)."""
         weights = self._weights(valid)
         config = self.fusion_config
         if self._rounds is not None and server_round < self._rounds:
-            config = replace(config, sharpness_limit="parents")
+            config = continuing(config)
 
         def fusion() -> FusionResult:
             return fuse(parents, self.calibration, config=config, weights=weights, levels=self.levels)
@@ -544,6 +553,21 @@ class FedFuse(FedAvg):
                 else f"it counts as {self.claim_cap:g} times the median",
             )
         return capped.weights
+
+
+def continuing(config: FusionConfig) -> FusionConfig:
+    """The fusion of a round whose model the clients will train further (in a `FedFuse.start` run,
+    every round but the last).
+
+    Those clients all started from the global model the server sent, and training never moves a
+    neuron to another place: neuron j of every client is neuron j of that model. So they are grouped by
+    index (``grouping="index"``, the correspondence FedAvg relies on), and every fit is pulled hard
+    toward the clients' average (``ridge`` at least `CONTINUING_RIDGE`): it corrects the average only
+    where the calibration set firmly disagrees. Regrouped by k-means and fitted freely to a few hundred
+    calibration samples, the fused model was more accurate than the average after one round but one
+    that the next round's SGD trained worse, so that after five rounds FedAvg was ahead
+    (docs/benchmarks.md). The last round fuses as configured."""
+    return replace(config, grouping="index", ridge=max(config.ridge, CONTINUING_RIDGE))
 
 
 def _checked_plan(
