@@ -38,7 +38,8 @@ from fedfuse.strategy.screening import Screening, ScreeningRule, measure, screen
 PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
 
 #: How hard a round whose model the clients train further pulls each fit toward the clients' average
-#: (`continuing`), relative to the mean energy of the level's inputs (`FusionConfig.ridge`).
+#: (`continuing`), relative to the mean energy of the level's inputs (`FusionConfig.ridge`). Picked
+#: between 1 and 10 on the quickstart app's five-round runs (docs/benchmarks.md).
 CONTINUING_RIDGE = 10.0
 
 #: The server-side calibration data: inputs, an (inputs, labels) pair, or a re-iterable of batches.
@@ -566,7 +567,8 @@ def continuing(config: FusionConfig) -> FusionConfig:
     where the calibration set firmly disagrees. Regrouped by k-means and fitted freely to a few hundred
     calibration samples, the fused model was more accurate than the average after one round but one
     that the next round's SGD trained worse, so that after five rounds FedAvg was ahead
-    (docs/benchmarks.md). The last round fuses as configured."""
+    (docs/benchmarks.md). The last round fuses as configured. (The gradient variant has no ridge: its
+    layers start from the same average, with ``level_init="aligned"``, and are trained from there.)"""
     return replace(config, grouping="index", ridge=max(config.ridge, CONTINUING_RIDGE))
 
 
