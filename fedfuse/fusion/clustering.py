@@ -49,7 +49,10 @@ def group_neurons(
         kmeans: ``seed``, ``n_init`` (k-means++ restarts), ``max_iter`` for k-means.
     """
     if method == "index":
-        return _shares(_by_index(points.shape[0], width, groups), scores, groups)
+        if groups != width:
+            raise ValueError(f"index grouping keeps the parents' {width} neurons; {groups} groups asked")
+        per_parent = scores.reshape(-1, width)
+        return shares_by_index(per_parent / per_parent.sum(dim=0, keepdim=True))
     if method == "hungarian":
         assignment = _hungarian(points, scores, groups)
     else:
@@ -158,13 +161,6 @@ def _fill_empty_groups(
         distance[counts[labels] < 2] = -np.inf
         labels[int(np.lexsort((counts[labels], distance))[-1])] = empty
     return labels
-
-
-def _by_index(neurons: int, width: int, groups: int) -> Tensor:
-    """Neuron j of every parent in group j: ``[K·n]`` group indices, parent by parent."""
-    if groups != width:
-        raise ValueError(f"index grouping keeps the parents' {width} neurons; {groups} groups asked")
-    return torch.arange(width).repeat(neurons // width)
 
 
 def _hungarian(points: Tensor, scores: Tensor, groups: int) -> Tensor:
