@@ -16,7 +16,7 @@ from fedfuse import FusionConfig, LevelSpec, describe_levels, fuse
 from fedfuse.fusion import UntraceableModelError
 from fedfuse.fusion.clustering import _fill_empty_groups
 from fedfuse.fusion.fitting import numerical_rank
-from fedfuse.fusion.tracing import runnable, subgraph, trace
+from fedfuse.fusion.tracing import runnable, shared_code, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
@@ -281,3 +281,17 @@ def test_values_read_in_one_run_are_not_overwritten_by_later_in_place_operations
         expected, (read, _) = alone(x), together(x)
     assert bool((expected < 0).any())
     assert torch.equal(read, expected)
+
+
+def test_a_piece_compiled_once_computes_with_the_model_it_is_given() -> None:
+    # The Reader compiles each piece once for all parents: it must read each parent's own parameters.
+    torch.manual_seed(0)
+    first, second = SmallResNet().eval(), SmallResNet().eval()
+    graph = trace(first).graph
+    output = [node.name for node in graph.nodes][-2]
+    piece = shared_code(first, subgraph(graph, ("x",), (output,)))
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(piece(second, x), second(x))
+        assert torch.equal(piece(first, x), first(x))
+        assert not torch.equal(piece(second, x), first(x))

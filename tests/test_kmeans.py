@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
+from fedfuse.fusion import kmeans
 from fedfuse.fusion.kmeans import weighted_kmeans
 
 
@@ -103,3 +104,23 @@ def test_lloyd_stops_once_an_iteration_barely_lowers_the_cost() -> None:
     default = weighted_kmeans(points, weights, 64, seed=0)
     assert default.iterations < patient.iterations
     assert default.inertia < patient.inertia * 1.005
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_measuring_only_the_centres_that_moved_assigns_like_measuring_all(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Uneven, overlapping clusters: many centres move in the first iterations, few later.
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.cat(
+        [torch.randn(600, 30, generator=generator), 3 * torch.randn(200, 30, generator=generator)]
+    )
+    weights = torch.rand(len(points), generator=generator) + 0.1
+    shortcut = weighted_kmeans(points, weights, 40, seed=seed, cost_tol=0.0)
+    monkeypatch.setattr(
+        kmeans, "_reassign", lambda points, norms, centres, *_: kmeans._assign(points, norms, centres)
+    )
+    measured_all = weighted_kmeans(points, weights, 40, seed=seed, cost_tol=0.0)
+    assert shortcut.iterations == measured_all.iterations > 3
+    assert torch.equal(shortcut.labels, measured_all.labels)
+    assert torch.equal(shortcut.centres, measured_all.centres)

@@ -37,6 +37,7 @@ class FusionContext:
         stream_targets: the parents' values at the targets of a stream's levels (the residual sums they
             complete), by place, then by id of the parent: one tensor per calibration batch
             (`collecting_targets`).
+        sizes: `values_per_sample` by places, once measured.
     """
 
     parents: list[nn.Module]
@@ -52,6 +53,7 @@ class FusionContext:
     dtype: torch.dtype
     groupings: dict[str, SpaceGrouping] = field(default_factory=dict)
     stream_targets: dict[str, dict[int, list[Tensor]]] = field(default_factory=dict)
+    sizes: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def fused_level(self, level: Level) -> Level:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""
@@ -69,12 +71,15 @@ class FusionContext:
                 yield inputs[chunk], None if labels is None else labels[chunk], (index, chunk)
 
     def values_per_sample(self, places: Sequence[str]) -> int:
-        """How many values one calibration sample gives at ``places`` in one parent."""
-        example = self.calibration.example(self.device, self.dtype, size=1)
-        with torch.no_grad():
-            return sum(
-                value[:1].numel() for value in self.parent_reader.read(self.parents[0], example, places)
-            )
+        """How many values one calibration sample gives at ``places`` in one parent (measured once per
+        set of places: a run of parent 0 on one sample)."""
+        key = tuple(places)
+        if key not in self.sizes:
+            example = self.calibration.example(self.device, self.dtype, size=1)
+            with torch.no_grad():
+                values = self.parent_reader.read(self.parents[0], example, places)
+            self.sizes[key] = sum(value[:1].numel() for value in values)
+        return self.sizes[key]
 
     def _fit_the_budget(self, places: Sequence[str]) -> bool:
         """Whether every parent's values at ``places`` over the calibration set fit `CHECKPOINT_VALUES`."""

@@ -132,10 +132,11 @@ def _lloyd(
     iterations, converged = 0, False
     while iterations < max_iter and not converged:
         iterations += 1
-        moved = _weighted_means(points, weighted, weights, labels, centres, nearest)
-        shift = float((moved - centres).square().sum())
-        centres = moved
-        new_labels, nearest = _assign(points, squared_norms, centres)
+        means = _weighted_means(points, weighted, weights, labels, centres, nearest)
+        shift = float((means - centres).square().sum())
+        moved = (means != centres).any(dim=1)
+        centres = means
+        new_labels, nearest = _reassign(points, squared_norms, centres, moved, labels, nearest)
         previous, cost = cost, float(nearest @ weights)
         converged = (
             shift <= threshold or torch.equal(new_labels, labels) or previous - cost <= cost_tol * cost
@@ -146,9 +147,43 @@ def _lloyd(
 
 def _assign(points: Tensor, squared_norms: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
     """Each point's nearest centre and its squared distance to it."""
+    nearest, labels = _squared_distances(points, squared_norms, centres).min(dim=1)
+    return labels, nearest
+
+
+def _squared_distances(points: Tensor, squared_norms: Tensor, centres: Tensor) -> Tensor:
+    """``[m, k]`` squared distances from the points (``squared_norms``: theirs) to the centres."""
     distances = (centres.square().sum(1)[None, :] - 2 * points @ centres.T).add_(squared_norms[:, None])
-    nearest, labels = distances.min(dim=1)
-    return labels, nearest.clamp_min_(0)
+    return distances.clamp_min_(0)
+
+
+def _reassign(
+    points: Tensor, squared_norms: Tensor, centres: Tensor, moved: Tensor, labels: Tensor, nearest: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`_assign` after only the centres flagged ``moved`` changed, given each point's label and squared
+    distance to its centre before: the same assignment, for a fraction of the work once Lloyd settles.
+
+    Every centre that stayed put is as far from a point as before, so no nearer than the point's centre
+    was. A point is therefore measured against the centres that moved alone: if one of them is nearer
+    than its centre was, the nearest of those is its nearest centre; if not, and its own centre stayed,
+    it keeps it. Only a point whose centre moved away from it, leaving no moved centre nearer than
+    before, is measured against all. Fusing eight MLPs (256 groups of 2,048 neurons), after two
+    iterations fewer than 100 centres move per iteration, then fewer than 30. This is the exact
+    "inactive clusters" shortcut of accelerated Lloyd (Kaukoranta, Fränti & Nevalainen, "A fast exact
+    GLA based on code vector activity detection", 2000)."""
+    if bool(moved.all()):
+        return _assign(points, squared_norms, centres)
+    if not bool(moved.any()):
+        return labels, nearest
+    columns = moved.nonzero().flatten()
+    closer, which = _squared_distances(points, squared_norms, centres[columns]).min(dim=1)
+    gain = closer < nearest
+    labels = torch.where(gain, columns[which], labels)
+    nearest = torch.where(gain, closer, nearest)
+    lost = moved[labels] & ~gain
+    if bool(lost.any()):
+        labels[lost], nearest[lost] = _assign(points[lost], squared_norms[lost], centres)
+    return labels, nearest
 
 
 def _weighted_means(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.levels import Level, LevelPlan
-from fedfuse.fusion.tracing import cut_at, input_node, runnable, subgraph, tapped
+from fedfuse.fusion.tracing import SharedCode, cut_at, input_node, runnable, shared_code, subgraph, tapped
 
 #: The most values (float32: 4 bytes each) all checkpoints of one fusion hold together: 256 MiB.
 CHECKPOINT_VALUES = 1 << 26
@@ -52,7 +52,8 @@ class Reader:
 
     def __init__(self, plan: LevelPlan, budget: list[int] | None = None) -> None:
         self.plan = plan
-        self._pieces: dict[tuple[int, tuple[str, ...], tuple[str, ...]], nn.Module | None] = {}
+        # Pieces by (inputs, outputs), one compilation for every model of the plan (`shared_code`).
+        self._pieces: dict[tuple[tuple[str, ...], tuple[str, ...]], SharedCode | None] = {}
         self._checkpoints: dict[int, _Checkpoint] = {}
         self._cuts: dict[str, tuple[str, ...]] = {}
         self._budget = budget if budget is not None else [CHECKPOINT_VALUES]  # shared by a fusion's readers
@@ -67,9 +68,9 @@ class Reader:
         checkpoint = self._checkpoints.get(id(model)) if at is not None else None
         piece = self._closed(model, checkpoint.cut, places) if checkpoint is not None else None
         if piece is not None and checkpoint is not None and at is not None:
-            values = piece(*(value[at[1]] for value in checkpoint.batches[at[0]]))
+            values = piece(model, *(value[at[1]] for value in checkpoint.batches[at[0]]))
         else:
-            values = self._piece(model, (input_node(self.plan.graph),), tuple(places))(inputs)
+            values = self._piece(model, (input_node(self.plan.graph),), tuple(places))(model, inputs)
         return [values] if len(places) == 1 else list(values)
 
     def advance(self, model: nn.Module, place: str, batches: Iterable[Tensor]) -> None:
@@ -140,17 +141,17 @@ class Reader:
     ) -> list[Tensor]:
         piece = self._closed(model, checkpoint.cut, places) if checkpoint is not None else None
         if piece is not None and checkpoint is not None:
-            values = piece(*checkpoint.batches[index])
+            values = piece(model, *checkpoint.batches[index])
             return [values] if len(places) == 1 else list(values)
         return self.read(model, inputs, places)
 
-    def _closed(self, model: nn.Module, cut: tuple[str, ...], places: Sequence[str]) -> nn.Module | None:
+    def _closed(self, model: nn.Module, cut: tuple[str, ...], places: Sequence[str]) -> SharedCode | None:
         """The piece computing ``places`` from the values at ``cut`` alone, or None when they need more."""
-        key = (id(model), cut, tuple(places))
+        key = (cut, tuple(places))
         if key not in self._pieces:
             assert self.plan.graph is not None
             try:
-                self._pieces[key] = runnable(model, subgraph(self.plan.graph, cut, tuple(places)))
+                self._pieces[key] = shared_code(model, subgraph(self.plan.graph, cut, tuple(places)))
             except ValueError:
                 self._pieces[key] = None
         return self._pieces[key]
@@ -160,7 +161,7 @@ class Reader:
         training it trains ``model``)."""
         if self.plan.graph is None:
             return model.get_submodule(level.input.rpartition(":")[0])
-        return self._piece(model, (level.input,), (level.output,))
+        return runnable(model, subgraph(self.plan.graph, (level.input,), (level.output,)))
 
     def attribution_target(self, model: nn.Module, place: str) -> tuple[nn.Module, nn.Module]:
         """``(forward model, module)`` such that the module's output is the value at ``place``, for
@@ -169,11 +170,11 @@ class Reader:
             return model, model.get_submodule(place.rpartition(":")[0])
         return tapped(model, self.plan.graph, place)
 
-    def _piece(self, model: nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> nn.Module:
-        key = (id(model), inputs, outputs)
+    def _piece(self, model: nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> SharedCode:
+        key = (inputs, outputs)
         if key not in self._pieces:
             assert self.plan.graph is not None
-            self._pieces[key] = runnable(model, subgraph(self.plan.graph, inputs, outputs))
+            self._pieces[key] = shared_code(model, subgraph(self.plan.graph, inputs, outputs))
         piece = self._pieces[key]
         assert piece is not None
         return piece

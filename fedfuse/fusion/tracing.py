@@ -13,7 +13,8 @@ on a fused model computes with the fused model's current weights, and training i
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import fx, nn
 
@@ -168,6 +169,21 @@ def runnable(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``graph`` (cut from a trace of a model of ``model``'s architecture) computing with ``model``'s own
     modules and parameters, shared, not copied."""
     return fx.GraphModule(model, graph)
+
+
+#: `shared_code`'s result: called as ``code(model, *inputs)``.
+SharedCode = Callable[..., Any]
+
+
+def shared_code(model: nn.Module, graph: fx.Graph) -> SharedCode:
+    """``graph``'s Python code, compiled once, to run with any model of ``model``'s architecture:
+    ``code(other, *inputs)`` computes with ``other``'s modules and parameters.
+
+    The code `torch.fx` generates reaches modules and parameters only through ``self``
+    (``getattr(self.features, "0")(x)``), so one compilation serves every model of the architecture.
+    Building a `torch.fx.GraphModule` per model instead generates and compiles the same code again for
+    each: 60 ms of a 0.45 s fusion of eight MLPs."""
+    return fx.GraphModule(model, graph).forward.__func__  # type: ignore[attr-defined]
 
 
 def input_node(graph: fx.Graph) -> str:
