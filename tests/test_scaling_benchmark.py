@@ -31,6 +31,8 @@ def test_the_benchmark_reports_seconds_memory_accuracy_and_limit_ratio_for_every
             "100",
             "--evaluation-size",
             "200",
+            "--repeats",
+            "2",
         ]
     )
     rows = document["rows"]
@@ -42,5 +44,6 @@ def test_the_benchmark_reports_seconds_memory_accuracy_and_limit_ratio_for_every
     for row in rows:
         assert row["seconds"] > 0 and row["pass_seconds"] > 0
         assert row["limit_ratio"] == pytest.approx(row["seconds"] / row["pass_seconds"])
+        assert row["repeats"] == 2 and row["seconds_median"] >= row["seconds"]
         assert 0.3 < row["accuracy"] <= 1.0  # fused digits MLPs beat chance (0.1) by far
     assert document["machine"]["cpus"] and document["setting"]["seed"] == 0

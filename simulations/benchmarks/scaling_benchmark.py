@@ -2,11 +2,13 @@
 
 For each model and K, K parents are trained briefly from independent seeded inits on disjoint shares of
 the data (what they learn barely changes the cost); the linear variant with uniform importance fuses them
-on the calibration set, once per k-means start (`FusionConfig.kmeans_init`). Reported per fusion: wall
-seconds, peak resident memory above the level at its start (`simulations.benchmarks.memory`), the
-fused model's accuracy on held-out data, and the limit ratio, fusion seconds over one forward and
-backward pass of all K parents on the calibration set, measured in the same run. The growth exponent is
-the slope of log seconds against log K, fitted from K = 8 up.
+on the calibration set, once per k-means start (`FusionConfig.kmeans_init`), ``--repeats`` times (the
+machines this runs on are shared and noisy). Reported per row: the least and the median wall seconds,
+peak resident memory above the level at its start (`simulations.benchmarks.memory`), the fused model's
+accuracy on held-out data, and the limit ratio, fusion seconds over one forward and backward pass of all
+K parents on the calibration set, measured after each fusion in the same run (least over least, and
+median over median). The growth exponent is the slope of log least seconds against log K, fitted from
+K = 8 up.
 
     python -m simulations.benchmarks.scaling_benchmark                       # MNIST, K = 2 ... 64
     python -m simulations.benchmarks.scaling_benchmark --dataset digits --parents 2,4 --models mlp
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluation-size", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fusions per row: seconds are their least and median"
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
@@ -76,6 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
     if min(args.parents) < 2:
         parser.error("--parents: every K must be >= 2")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     return args
 
 
@@ -114,20 +122,30 @@ def measure(
     evaluation: Dataset,
     init: str,
     seed: int,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """One fusion: seconds, peak memory, the fused model's accuracy and the limit ratio."""
+    """``repeats`` fusions (the same one: same seed, same model), each followed by the limit ratio's unit:
+    the least and the median seconds of each, the peak memory of the first fusion, the fused model's
+    accuracy, and the limit ratio as least over least (``limit_ratio``) and median over median."""
     config = FusionConfig(importance="uniform", kmeans_init=init, seed=seed)
-    with peak_memory() as memory:
-        started = time.perf_counter()
-        result = fuse(parents, (calibration.x, calibration.y), config)
-        seconds = time.perf_counter() - started
-    unit = pass_seconds(parents, calibration.x, calibration.y)
+    seconds, units = [], []
+    for repeat in range(repeats):
+        with peak_memory() as memory:
+            started = time.perf_counter()
+            result = fuse(parents, (calibration.x, calibration.y), config)
+            seconds.append(time.perf_counter() - started)
+        if repeat == 0:
+            peak = memory["peak_mb"]
+        units.append(pass_seconds(parents, calibration.x, calibration.y))
     return {
-        "seconds": seconds,
-        "peak_mb": memory["peak_mb"],
+        "seconds": min(seconds),
+        "seconds_median": statistics.median(seconds),
+        "peak_mb": peak,
         "accuracy": evaluate(result.model, evaluation.x, evaluation.y)["accuracy"],
-        "pass_seconds": unit,
-        "limit_ratio": seconds / unit,
+        "pass_seconds": min(units),
+        "limit_ratio": min(seconds) / min(units),
+        "limit_ratio_median": statistics.median(seconds) / statistics.median(units),
+        "repeats": repeats,
     }
 
 
@@ -142,15 +160,16 @@ def growth_exponent(rows: Sequence[dict[str, Any]], least_k: int = 8) -> float |
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     header = (
-        f"{'model':<5} {'width':>5} {'cal':>5} {'K':>3} {'init':<10} {'seconds':>8} {'peak MB':>8} "
-        f"{'limit':>7} {'acc':>6}"
+        f"{'model':<5} {'width':>5} {'cal':>5} {'K':>3} {'init':<10} {'s min':>7} {'s med':>7} {'peak MB':>8} "
+        f"{'limit':>6} {'(med)':>6} {'acc':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         memory = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(
             f"{r['model']:<5} {r['width'] or '':>5} {r['calibration_size']:>5} {r['parents']:>3} "
-            f"{r['init']:<10} {r['seconds']:>8.2f} {memory:>8} {r['limit_ratio']:>7.1f} {r['accuracy']:>6.3f}"
+            f"{r['init']:<10} {r['seconds']:>7.2f} {r['seconds_median']:>7.2f} {memory:>8} "
+            f"{r['limit_ratio']:>6.1f} {r['limit_ratio_median']:>6.1f} {r['accuracy']:>6.3f}"
         )
     return "\n".join(lines)
 
@@ -172,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for init in args.inits:
             row = {"model": model, "width": width, "calibration_size": size, "parents": k, "init": init}
             row["sweep"] = sweep
-            row |= measure(parents[:k], calibration, evaluation, init, args.seed)
+            row |= measure(parents[:k], calibration, evaluation, init, args.seed, args.repeats)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
 
