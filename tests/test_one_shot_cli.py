@@ -78,6 +78,7 @@ def test_the_data_folder_is_made_absolute_for_the_clients_worker_processes(
         (["--importance", "saliency"], r"unknown \['saliency'\]"),
         (["--epochs", "10", "--fedavg-rounds", "3"], "must share the 10 local epochs evenly"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--polish-epochs", "-1"], "--polish-epochs: at least 0, got -1"),
         (["--width-multiplier", "0.25"], "--width-multiplier applies to vgg11 and vgg11-bn, not mlp"),
         (["--model", "vgg11", "--width-multiplier", "0"], "--width-multiplier must be > 0"),
         (["--dataset", "mnist"], r"set data_dir \(--data-dir\)"),

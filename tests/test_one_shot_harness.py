@@ -20,7 +20,7 @@ from simulations.one_shot.cli import main
 
 SMALL = [
     "--init", "independent", "--epochs", "10", "--fedavg-rounds", "2",
-    "--calibration-size", "150", "--evaluation-size", "300", "--no-progress",
+    "--calibration-size", "150", "--evaluation-size", "300", "--no-progress", "--polish-epochs", "3",
 ]  # fmt: skip
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +52,8 @@ def test_one_setting_scores_every_method_on_the_same_client_models(single) -> No
     rows = {row["method"]: row for row in setting["rows"]}
     assert list(rows) == [
         "client 0", "client 1", "client 2", "best client", "mean client", "fedavg one-shot",
-        *(f"fedfuse {variant} uniform" for variant in VARIANTS), *ENSEMBLES, "best ensemble",
+        *(f"fedfuse {variant} uniform{polished}" for variant in VARIANTS for polished in ("", " polished")),
+        *ENSEMBLES, "best ensemble",
         "fedavg 2 rounds", "central",
     ]  # fmt: skip
     assert rows["best client"]["accuracy"] == max(rows[f"client {k}"]["accuracy"] for k in range(3))
@@ -67,6 +68,8 @@ def test_one_setting_scores_every_method_on_the_same_client_models(single) -> No
     assert rows["fedfuse linear uniform"]["accuracy"] > 0.8
     assert rows["fedavg 2 rounds"]["accuracy"] > 0.5 and rows["central"]["accuracy"] > 0.9  # chance: 0.1
     assert setting["fusion_reports"]["fedfuse linear uniform"]["parents"] == 3
+    assert setting["fusion_reports"]["fedfuse linear uniform polished"]["config"]["polish_epochs"] == 3
+    assert setting["fusion_reports"]["fedfuse linear uniform"]["config"]["polish_epochs"] == 0
     counts = setting["label_counts"]
     assert len(counts) == 3 and sum(map(sum, counts)) == 1797 - 150 - 300
     assert setting["flower_seconds"] < setting["seconds"]

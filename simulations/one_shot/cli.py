@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nothing disclosed), their per-class label counts, or their example counts",
     )
     methods.add_argument(
+        "--polish-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score every FedFuse run polished on the calibration set for at most N epochs "
+        "(FusionConfig.polish_epochs; default 0: not)",
+    )
+    methods.add_argument(
         "--methods",
         type=_list(str),
         default=(),
@@ -257,12 +265,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
         unknown = [value for value in values if value not in choices]
         if unknown:
             raise ValueError(f"{flag}: unknown {unknown}; choose from {', '.join(choices)}")
+    if args.polish_epochs < 0:
+        raise ValueError(f"--polish-epochs: at least 0, got {args.polish_epochs}")
     options = MethodOptions(
         variants=args.variants or VARIANTS,
         importances=args.importance,
         fusion_weights=args.fusion_weights,
         central=not args.no_central,
         peers=args.methods,
+        polish_epochs=args.polish_epochs,
     )
     return settings, options
 

@@ -49,6 +49,8 @@ class MethodOptions:
         peers: peer methods run on the same client models (`simulations.baselines.PEER_METHODS`). The
             Flower strategies among them also run the multi-round setting when the setting has rounds
             (`round_strategies`).
+        polish_epochs: when > 0, every FedFuse run is also scored with a polish of at most this many
+            epochs on the calibration set (`FusionConfig.polish_epochs`), as ``"<method> polished"``.
     """
 
     variants: tuple[str, ...]
@@ -56,6 +58,7 @@ class MethodOptions:
     fusion_weights: str = "calibration"
     central: bool = True
     peers: tuple[str, ...] = ()
+    polish_epochs: int = 0
 
     @property
     def round_strategies(self) -> tuple[str, ...]:
@@ -66,6 +69,8 @@ class MethodOptions:
         unknown = [name for name in self.peers if name not in PEER_METHODS]
         if unknown:
             raise ValueError(f"unknown peer method(s) {unknown}; choose from {', '.join(PEER_METHODS)}")
+        if self.polish_epochs < 0:
+            raise ValueError(f"polish_epochs must be >= 0, got {self.polish_epochs}")
         if not self.variants or not self.importances:
             raise ValueError("MethodOptions needs at least one FedFuse variant and one importance method")
         if self.fusion_weights not in FUSION_WEIGHTS:
@@ -146,15 +151,20 @@ def compare(
     reports = {}
     for variant in options.variants:
         for importance in options.importances:
-            method = f"fedfuse {variant} {importance}"
             config = FusionConfig(
                 variant=variant, importance=importance, seed=setting.seed, progress=progress
             )
-            result = fuse(
-                trained.client_models, (calibration.x, calibration.y), config=config, weights=weights
-            )
-            rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
-            reports[method] = result.report.to_dict()
+            runs = {f"fedfuse {variant} {importance}": config}
+            if options.polish_epochs:
+                runs[f"fedfuse {variant} {importance} polished"] = replace(
+                    config, polish_epochs=options.polish_epochs
+                )
+            for method, run in runs.items():
+                result = fuse(
+                    trained.client_models, (calibration.x, calibration.y), config=run, weights=weights
+                )
+                rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
+                reports[method] = result.report.to_dict()
 
     inputs = PeerInputs(
         trained.client_models, (calibration.x, calibration.y), setting.seed, trained.client_replies
