@@ -38,7 +38,9 @@ class FusionConfig:
             ``"uniform"``: all ones. ``"gradient_x_activation"``: mean |activation × gradient| (one
             backward pass, cheap). ``"conductance"``: captum's LayerConductance. ``"deeplift"``:
             captum's LayerDeepLift. Attribution targets are the calibration labels, or each parent's
-            own prediction when there are none.
+            own prediction when there are none. On issue 9's MNIST grid (K = 5 and 10, three Dirichlet
+            alphas) conductance came within 1 point of the best ensemble in every cell, where uniform
+            missed one cell by up to 0.1, at about 30 times uniform's fusion time (docs/benchmarks.md).
         ridge: how strongly each least-squares fit is pulled toward its prior, relative to the mean
             diagonal of XᵀX (so it is unit-free); the bias is not pulled. 0: the exact least-squares
             fit nearest the prior (with ``prior="zero"``, the paper's pseudo-inverse).
