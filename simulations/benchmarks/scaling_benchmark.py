@@ -5,11 +5,10 @@ the data (what they learn barely changes the cost); the linear variant with unif
 on the calibration set, once per k-means start (`FusionConfig.kmeans_init`): once watched for memory,
 then ``--repeats`` times timed (the machines this runs on are shared and noisy). Reported per row: the
 least and the median wall seconds, peak resident memory above the level at its start
-(`simulations.benchmarks.memory`), the fused model's
-accuracy on held-out data, and the limit ratio, fusion seconds over one forward and backward pass of all
-K parents on the calibration set, measured after each fusion in the same run (least over least, and
-median over median). The growth exponent is the slope of log least seconds against log K, fitted from
-K = 8 up.
+(`simulations.benchmarks.memory`), the fused model's accuracy on held-out data, and the limit ratio,
+fusion seconds over one forward and backward pass of all K parents on the calibration set, measured
+after each fusion in the same run (least over least, and median over median). The growth exponent is
+the slope of log least seconds against log K, fitted from K = 8 up.
 
     python -m simulations.benchmarks.scaling_benchmark                       # MNIST, K = 2 ... 64
     python -m simulations.benchmarks.scaling_benchmark --dataset digits --parents 2,4 --models mlp
