@@ -124,3 +124,22 @@ def test_measuring_only_the_centres_that_moved_assigns_like_measuring_all(
     assert shortcut.iterations == measured_all.iterations > 3
     assert torch.equal(shortcut.labels, measured_all.labels)
     assert torch.equal(shortcut.centres, measured_all.centres)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seeding_from_the_table_of_all_pairs_picks_the_centres_measuring_each_picks(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.cat(
+        [torch.randn(300, 20, generator=generator), 4 + torch.randn(100, 20, generator=generator)]
+    )
+    weights = torch.rand(len(points), generator=generator) + 0.1
+    norms = points.square().sum(1)
+    # 400 points, 60 clusters of 6 candidates each: within the table's budget.
+    assert len(points) <= kmeans.GRAM_SEEDING_RATIO * 60 * (2 + int(np.log(60)))
+    tabled = kmeans._greedy_kmeans_plusplus(points, weights, norms, 60, torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(kmeans, "GRAM_SEEDING_BYTES", 0)
+    measured = kmeans._greedy_kmeans_plusplus(points, weights, norms, 60, torch.Generator().manual_seed(seed))
+    assert torch.equal(tabled, measured)
+    assert len(torch.unique(tabled, dim=0)) == 60

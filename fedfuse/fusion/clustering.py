@@ -110,17 +110,19 @@ def principal_components(points: Tensor, weights: Tensor, variance: float) -> Te
         return points
     centred = points - weights @ points / weights.sum()
     scaled = centred * weights.sqrt()[:, None]
+    # In the points' precision (float32 from `_kmeans`): the eigenvalues only place a cut at a share of
+    # the total near 1, and half the time of float64 (9.5 against 19 ms for 400 dimensions).
     if m < r:  # eigenvectors U of the Gram matrix give the axes: scaledᵀ·U / √λ
-        values, vectors = torch.linalg.eigh((scaled @ scaled.T).double())  # ascending
+        values, vectors = torch.linalg.eigh(scaled @ scaled.T)  # ascending
     else:
-        values, vectors = torch.linalg.eigh((scaled.T @ scaled).double())
+        values, vectors = torch.linalg.eigh(scaled.T @ scaled)
     held = values.flip(0).clamp_min(0).cumsum(0)
     dims = min(int(torch.searchsorted(held, variance * held[-1])) + 1, r)
     if dims == r:
         return points
-    axes = vectors[:, -dims:].to(points)
+    axes = vectors[:, -dims:]
     if m < r:
-        axes = scaled.T @ axes / values[-dims:].clamp_min(torch.finfo(torch.float64).tiny).sqrt().to(points)
+        axes = scaled.T @ axes / values[-dims:].clamp_min(torch.finfo(values.dtype).tiny).sqrt()
     return centred @ axes
 
 

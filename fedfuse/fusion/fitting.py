@@ -60,13 +60,20 @@ def solve_level(
     fan_in = stats.xtx.shape[0]
     penalty = ridge * stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     right = xtt.clone()
+    fitted: Tensor | None = None  # XᵀX·W, once the solution W is known
     if prior is not None and ridge > 0:
         right[:fan_in] += penalty * prior[:fan_in]
     if ridge > 0:
         regularised = xtx.clone()
         regularised.diagonal()[:fan_in] += penalty
         factor, info = torch.linalg.cholesky_ex(regularised)
-        solution = torch.cholesky_solve(right, factor) if info == 0 else _min_norm(regularised, right)
+        if info == 0:
+            solution = torch.cholesky_solve(right, factor)
+            # (XᵀX + λI′)·W = right, so XᵀX·W = right − λI′·W: no second product with XᵀX.
+            fitted = right.clone()
+            fitted[:fan_in] -= penalty * solution[:fan_in]
+        else:
+            solution = _min_norm(regularised, right)
     elif prior is not None:  # the least-squares solution nearest the prior: W₀ + min-norm fit of the rest
         solution = prior + _min_norm(xtx, xtt - xtx @ prior)
     else:
@@ -76,7 +83,9 @@ def solve_level(
 
     rows = stats.rows
     target_energy, target_mean = stats.t_squares, stats.t_sum / rows
-    output_energy = (solution * (xtx @ solution)).sum(0)
+    if fitted is None:
+        fitted = xtx @ solution
+    output_energy = (solution * fitted).sum(0)  # ‖X·w‖² per output
     residual = (target_energy - 2 * (solution * xtt).sum(0) + output_energy).sum().clamp_min(0)
     spread = (target_energy - rows * target_mean**2).sum()
     r2 = float(1 - residual / spread) if spread > 0 else float(residual <= 1e-12 * target_energy.sum())
