@@ -38,6 +38,7 @@ class FusionContext:
             complete), by place, then by id of the parent: one tensor per calibration batch
             (`collecting_targets`).
         sizes: `values_per_sample` by places, once measured.
+        importance: each parent's importance scores by (id of the parent, place), once measured.
     """
 
     parents: list[nn.Module]
@@ -54,6 +55,7 @@ class FusionContext:
     groupings: dict[str, SpaceGrouping] = field(default_factory=dict)
     stream_targets: dict[str, dict[int, list[Tensor]]] = field(default_factory=dict)
     sizes: dict[tuple[str, ...], int] = field(default_factory=dict)
+    importance: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
     def fused_level(self, level: Level) -> Level:
         """``level`` as it is in the fused model (its width resized when the fused model is)."""

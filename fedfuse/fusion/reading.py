@@ -163,12 +163,14 @@ class Reader:
             return model.get_submodule(level.input.rpartition(":")[0])
         return runnable(model, subgraph(self.plan.graph, (level.input,), (level.output,)))
 
-    def attribution_target(self, model: nn.Module, place: str) -> tuple[nn.Module, nn.Module]:
-        """``(forward model, module)`` such that the module's output is the value at ``place``, for
+    def attribution_targets(
+        self, model: nn.Module, places: Sequence[str]
+    ) -> tuple[nn.Module, list[nn.Module]]:
+        """``(forward model, modules)`` such that module i's output is the value at ``places[i]``, for
         attribution methods that score a module's outputs."""
         if self.plan.graph is None:
-            return model, model.get_submodule(place.rpartition(":")[0])
-        return tapped(model, self.plan.graph, place)
+            return model, [model.get_submodule(place.rpartition(":")[0]) for place in places]
+        return tapped(model, self.plan.graph, places)
 
     def _piece(self, model: nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> SharedCode:
         key = (inputs, outputs)

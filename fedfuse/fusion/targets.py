@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedfuse.fusion.clustering import group_neurons, grouping_cost, shares_by_index
 from fedfuse.fusion.embedding import NeuronEmbedding
-from fedfuse.fusion.importance import importance_scores
-from fedfuse.fusion.levels import Space
+from fedfuse.fusion.importance import ONE_PASS_FOR_MANY, importance_scores
+from fedfuse.fusion.levels import Point, Space
 from fedfuse.fusion.statistics import rows_of
 
 if TYPE_CHECKING:
@@ -245,26 +245,46 @@ def _costs(
 def _scores(space: Space, context: FusionContext) -> Tensor:
     """``[K·n]`` importance of the parents' neurons: per point, normalised to mean 1 over all parents'
     neurons there, averaged over the space's points."""
-    config = context.config
-    if config.importance == "uniform":
+    if context.config.importance == "uniform":
         return torch.ones(len(context.parents) * space.width, dtype=torch.float64)
     total = torch.zeros(len(context.parents) * space.width, dtype=torch.float64)
     for point in space.points:
-        per_parent = []
-        for parent in context.parents:
-            forward, module = context.parent_reader.attribution_target(parent, point.place)
-            per_parent.append(
-                importance_scores(
-                    config.importance,
-                    forward,
-                    module,
-                    point.axis,
-                    space.width,
-                    context.calibration,
-                    context.dtype,
-                    config.conductance_steps,
-                )
-            )
-        scores = torch.cat(per_parent)
+        scores = torch.cat(
+            [_parent_scores(parent, point, space.width, context) for parent in context.parents]
+        )
         total += scores / scores.mean()
     return total / len(space.points)
+
+
+def _parent_scores(parent: nn.Module, point: Point, width: int, context: FusionContext) -> Tensor:
+    """``[n]`` one parent's importance scores at ``point``. A method that scores many places in one pass
+    (`fedfuse.fusion.importance.ONE_PASS_FOR_MANY`) scores every place the fusion will ask about the
+    first time one is asked (the points of every space grouped by importance), and keeps them
+    (`FusionContext.importance`): a parent then runs forward and backward once per batch, not once per
+    place (ten small CNNs: 5.4 → 2.6-3.2 s, against 1.6-1.8 s for uniform scores)."""
+    key = (id(parent), point.place)
+    if key not in context.importance:
+        config = context.config
+        wanted = [(point, width)]
+        if config.importance in ONE_PASS_FOR_MANY:
+            wanted = [
+                (other, space.width)
+                for space in context.plan.spaces.values()
+                if space.classes or not space.fixed
+                for other in space.points
+            ]
+            wanted = list({other.place: (other, n) for other, n in wanted}.values())
+        forward, modules = context.parent_reader.attribution_targets(parent, [p.place for p, _ in wanted])
+        found = importance_scores(
+            config.importance,
+            forward,
+            modules,
+            [p.axis for p, _ in wanted],
+            [n for _, n in wanted],
+            context.calibration,
+            context.dtype,
+            config.conductance_steps,
+        )
+        for (other, _), scores in zip(wanted, found):
+            context.importance[(id(parent), other.place)] = scores
+    return context.importance[key]

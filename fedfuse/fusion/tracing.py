@@ -217,16 +217,19 @@ def output_node(graph: fx.Graph) -> str:
     return value.name
 
 
-def tapped(model: nn.Module, graph: fx.Graph, place: str) -> tuple[fx.GraphModule, nn.Module]:
-    """``model`` (as traced in ``graph``) with an ``nn.Identity`` after the node ``place``, so that the
-    value there is a module's output, which attribution methods (captum's layer methods) need."""
-    tap = nn.Identity()
+def tapped(
+    model: nn.Module, graph: fx.Graph, places: Sequence[str]
+) -> tuple[fx.GraphModule, list[nn.Module]]:
+    """``model`` (as traced in ``graph``) with an ``nn.Identity`` after each node of ``places``, so that the
+    values there are modules' outputs, which attribution methods (captum's layer methods) need."""
+    taps = {place: nn.Identity() for place in places}
     copied = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         env[node] = copied.node_copy(node, lambda arg: env[arg])
-        if node.name == place:
-            env[node] = copied.call_module("fedfuse_tap", (env[node],))
+        if node.name in taps:
+            env[node] = copied.call_module(f"fedfuse_tap_{list(taps).index(node.name)}", (env[node],))
     owner = fx.GraphModule(model, graph)
-    owner.add_module("fedfuse_tap", tap)
-    return fx.GraphModule(owner, copied), tap
+    for index, tap in enumerate(taps.values()):
+        owner.add_module(f"fedfuse_tap_{index}", tap)
+    return fx.GraphModule(owner, copied), [taps[place] for place in places]
