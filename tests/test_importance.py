@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from fedfuse.fusion import targets
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.importance import importance_scores
-from fedfuse.fusion.levels import Point
+from fedfuse.fusion.levels import Point, Space
 from fedfuse.fusion.tracing import tapped, trace
 from fedfuse.models import build_model
 
@@ -78,3 +80,29 @@ def test_a_fusion_scoring_every_place_at_once_fuses_as_one_scoring_place_by_plac
     place_by_place = fuse(parents, calibration, config).model
     with torch.no_grad():
         torch.testing.assert_close(at_once(inputs), place_by_place(inputs))
+
+
+def test_a_parent_with_every_score_ten_times_larger_counts_no_more() -> None:
+    point = Point("fc1", 1)
+    space = Space("fc1", width=3, fixed=False, classes=False, levels=("fc1",), points=(point,))
+    parents = [nn.Linear(1, 1), nn.Linear(1, 1)]
+    own = [
+        torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+        torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64),
+    ]
+
+    def scores_of(first_scale: float) -> torch.Tensor:
+        context = SimpleNamespace(
+            config=FusionConfig(importance="gradient_x_activation"),
+            parents=parents,
+            importance={
+                (id(parents[0]), "fc1"): own[0] * first_scale,
+                (id(parents[1]), "fc1"): own[1],
+            },
+        )
+        return targets._scores(space, context)  # type: ignore[arg-type]
+
+    torch.testing.assert_close(scores_of(10.0), scores_of(1.0))
+    torch.testing.assert_close(
+        scores_of(1.0), torch.tensor([0.5, 1.0, 1.5, 1.8, 0.6, 0.6], dtype=torch.float64)
+    )

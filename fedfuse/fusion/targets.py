@@ -243,16 +243,20 @@ def _costs(
 
 
 def _scores(space: Space, context: FusionContext) -> Tensor:
-    """``[K·n]`` importance of the parents' neurons: per point, normalised to mean 1 over all parents'
-    neurons there, averaged over the space's points."""
+    """``[K·n]`` importance of the parents' neurons: per point, each parent's scores normalised to mean 1
+    over its own neurons, then averaged over the space's points.
+
+    Importance says which of a parent's neurons matter; how much a parent counts is its weight's job
+    (`fedfuse.fusion.weights`, measured on the calibration set), by which the caller multiplies. Scores
+    compared across parents would let a parent count more by being larger: gradient × activation of a
+    ReLU network whose weights are scaled by c is c times larger, so a client that scaled its model up
+    (by less than screening's limit) would have pulled every group toward its neurons."""
     if context.config.importance == "uniform":
         return torch.ones(len(context.parents) * space.width, dtype=torch.float64)
     total = torch.zeros(len(context.parents) * space.width, dtype=torch.float64)
     for point in space.points:
-        scores = torch.cat(
-            [_parent_scores(parent, point, space.width, context) for parent in context.parents]
-        )
-        total += scores / scores.mean()
+        per_parent = [_parent_scores(parent, point, space.width, context) for parent in context.parents]
+        total += torch.cat([scores / scores.mean() for scores in per_parent])
     return total / len(space.points)
 
 
