@@ -34,13 +34,16 @@ class FusionConfig:
             makes fused neuron j, no search: for parents that share an ancestor, as the clients of one
             Flower round do (they all start from the global model, and training never moves neuron j
             to another place), the correspondence FedAvg assumes; the parents' width only.
-        importance: the neuron importance score s_j that weights grouping and targets.
+        importance: the neuron importance score s_j that weights grouping and targets, each parent's
+            normalised over its own neurons (a parent counts by its weight, not by its scores' size).
             ``"uniform"``: all ones. ``"gradient_x_activation"``: mean |activation × gradient| (one
-            backward pass, cheap). ``"conductance"``: captum's LayerConductance. ``"deeplift"``:
-            captum's LayerDeepLift. Attribution targets are the calibration labels, or each parent's
-            own prediction when there are none. On issue 9's MNIST grid (K = 5 and 10, three Dirichlet
-            alphas) conductance came within 1 point of the best ensemble in every cell, where uniform
-            missed one cell by up to 0.1, at about 30 times uniform's fusion time (docs/benchmarks.md).
+            forward and backward pass per parent for every level at once, about 1.6 times uniform's
+            fusion time). ``"conductance"``: captum's LayerConductance. ``"deeplift"``: captum's
+            LayerDeepLift. Attribution targets are the calibration labels, or each parent's own
+            prediction when there are none. On issue 9's MNIST grid (K = 5 and 10, three Dirichlet
+            alphas, two inits) gradient × activation came within 1 point of the best ensemble in all
+            12 cells, but by 0.03 at the closest and no nearer than uniform on average (which misses
+            one cell by 0.05-0.1), so uniform stays the default (docs/benchmarks.md).
         ridge: how strongly each least-squares fit is pulled toward its prior, relative to the mean
             diagonal of XᵀX (so it is unit-free); the bias is not pulled. 0: the exact least-squares
             fit nearest the prior (with ``prior="zero"``, the paper's pseudo-inverse).
