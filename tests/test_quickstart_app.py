@@ -6,10 +6,16 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from quickstart_app.guard_variants import guard_variant
 from quickstart_app.task import Net, load_data, load_images, load_server_sets
 
 from fedfuse import describe_levels
@@ -54,6 +60,64 @@ def test_the_server_app_swaps_fedavg_for_fedfuse_in_one_line():
     assert sorted(call.func.id for call in calls) == ["FedAvg", "FedFuse"]
     fedavg, fedfuse = sorted(calls, key=lambda call: call.func.id)
     assert [k.arg for k in fedfuse.keywords] == ["model_fn", "calibration", *[k.arg for k in fedavg.keywords]]
+
+
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """What a running ServerApp sets, so that FedAvg can build its messages."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+def training_reply(state: dict[str, torch.Tensor]) -> Mock:
+    """A client's training reply as the app's ClientApp sends it."""
+    message = Mock(spec=Message)
+    message.has_error.return_value = False
+    message.content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"train_loss": 0.5, "num-examples": 100})}
+    )
+    return message
+
+
+def calibration_fitted_net(calibration: tuple[torch.Tensor, torch.Tensor]) -> Net:
+    """A Net trained on the calibration set itself: one that classifies it well."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
+    for _ in range(40):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(calibration[0]), calibration[1]).backward()
+        optimizer.step()
+    return model
+
+
+def test_the_guarded_fedavg_baseline_keeps_the_model_it_sent_when_the_clients_average_is_worse():
+    calibration, _ = load_server_sets(CONFIG)
+    strategy = guard_variant("fedavg-guarded", calibration, fraction_evaluate=0.0)
+    fitted = calibration_fitted_net(calibration).state_dict()
+    sent = ArrayRecord(fitted)
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+    with task_identity():
+        list(strategy.configure_train(2, sent, ConfigRecord(), grid))
+    constant = Net()  # untrained: about one class for every input
+    replies = [training_reply(constant.state_dict()), training_reply(constant.state_dict())]
+
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is sent and metrics["fusion-kept-previous"] == 1
+
+    arrays, metrics = strategy.aggregate_train(2, [training_reply(fitted), training_reply(fitted)])
+    assert arrays is not sent and metrics["fusion-kept-previous"] == 0
+
+
+def test_the_benchmarks_fedfuse_variant_has_its_guard_off_and_unknown_variants_are_refused():
+    calibration, _ = load_server_sets(CONFIG)
+    assert guard_variant("fedfuse-unguarded", calibration, fraction_evaluate=0.0).guard is False
+    with pytest.raises(ValueError, match="strategy must be fedavg, fedfuse or one of"):
+        guard_variant("fedfuse-guarded", calibration, fraction_evaluate=0.0)
 
 
 def test_images_are_three_channel_32_pixel_squares_and_the_server_sets_never_reach_a_client():

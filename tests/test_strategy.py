@@ -741,3 +741,65 @@ def test_a_round_that_cannot_fuse_returns_the_global_model_it_sent(
     arrays, metrics = strategy.aggregate_train(1, [reply(1, client_states[0])])
     assert arrays is sent and metrics["fusion-failed"] == 1
     assert sum("keeping the previous global model" in w for w in warnings_of(flwr_log)) == 1
+
+
+# --- the guard: a round never hands the clients a model clearly worse than the one they had -----------
+
+
+def biased_engine(models, calibration, config=None, weights=None, levels=None):
+    """The engine's fusion with the output bias pushed toward class 0: a well-formed model that fits
+    nothing (what a round of collapsed clients, or poison the screening missed, can leave)."""
+    result = fuse(models, calibration, config=config, weights=weights, levels=levels)
+    with torch.no_grad():
+        result.model[2].bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+    return result
+
+
+def guarded_round(strategy: FedFuse, client_states) -> tuple[ArrayRecord, ArrayRecord | None, MetricRecord]:
+    """Round 2 of a run whose global model is client 0's trained model; clients 1 and 2 reply."""
+    sent = ArrayRecord(client_states[0])
+    list(strategy.configure_train(2, sent, ConfigRecord(), FakeGrid(training_client).grid))
+    arrays, metrics = strategy.aggregate_train(2, [reply(1, client_states[1]), reply(2, client_states[2])])
+    return sent, arrays, metrics
+
+
+def test_a_fused_model_clearly_worse_on_the_calibration_set_keeps_the_global_model_with_a_warning(
+    task_identity, calibration, client_states, monkeypatch, flwr_log
+):
+    monkeypatch.setattr(fedfuse_module, "fuse", biased_engine)
+    sent, arrays, metrics = guarded_round(FedFuse(make_net, calibration), client_states)
+
+    assert arrays is sent
+    assert metrics["fusion-kept-previous"] == 1 and metrics["fusion-clients"] == 2
+    assert metrics["fusion-calibration-accuracy"] < 0.5 < metrics["fusion-previous-calibration-accuracy"]
+    assert any(
+        "the fused model is worse than the previous global model (calibration accuracy" in w
+        and "keeping the previous one" in w
+        for w in warnings_of(flwr_log)
+    )
+
+
+def test_with_the_guard_off_the_fused_model_is_returned_whatever_it_scores(
+    task_identity, calibration, client_states, monkeypatch
+):
+    monkeypatch.setattr(fedfuse_module, "fuse", biased_engine)
+    sent, arrays, metrics = guarded_round(FedFuse(make_net, calibration, guard=False), client_states)
+
+    assert arrays is not None and arrays is not sent
+    assert metrics["fusion-kept-previous"] == 0
+    assert accuracy(arrays, *calibration) < 0.5
+
+
+def test_a_fused_model_as_good_as_the_global_one_is_returned_with_both_accuracies_reported(
+    task_identity, calibration, client_states
+):
+    sent, arrays, metrics = guarded_round(FedFuse(make_net, calibration), client_states)
+
+    assert arrays is not sent and metrics["fusion-kept-previous"] == 0
+    assert metrics["fusion-calibration-accuracy"] == pytest.approx(accuracy(arrays, *calibration))
+    assert metrics["fusion-previous-calibration-accuracy"] == pytest.approx(accuracy(sent, *calibration))
+
+
+def test_the_guard_must_be_a_bool(calibration):
+    with pytest.raises(TypeError, match="guard must be True or False"):
+        FedFuse(make_net, calibration, guard="yes")  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from torch import nn
 from fedfuse.fusion import FusionConfig, FusionResult, LevelPlan, LevelSpec, check_fusable, fuse
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.strategy.claims import cap_claims
+from fedfuse.strategy.guard import compare
 from fedfuse.strategy.replies import (
     ArraySpec,
     InvalidReply,
@@ -72,7 +73,8 @@ class FedFuse(FedAvg):
     is named. With fewer clients left than ``min_train_nodes``, or when the engine fails on every subset
     tried or times out, the round keeps the previous global model with one warning saying why:
     ``aggregate_train`` returns that model's arrays again, so ``start()``'s ``Result.arrays`` always
-    holds a usable model. Nothing raises out of ``start()``.
+    holds a usable model. Nothing raises out of ``start()``. So does a fused model that is clearly worse
+    on the calibration set than the model the clients trained from (``guard``).
 
     Parameters
     ----------
@@ -105,6 +107,12 @@ class FedFuse(FedAvg):
     label_counts_key : str (default: "label-counts")
         The opt-in MetricRecord key under which clients may report per-class example counts (a list
         of length num_classes), read with ``parent_weights="label-counts"``.
+    guard : bool (default: True)
+        Keep the previous global model when the fused one classifies the labelled calibration set
+        significantly worse (McNemar's paired test at two standard deviations,
+        `fedfuse.strategy.guard`), with a warning giving both accuracies: a round whose clients
+        collapsed, or whose poison the screening missed, does not wreck the model the next round trains
+        from. Needs labelled calibration data (without labels nothing is compared).
     fusion_timeout : float or None (default: 3600)
         Seconds one fusion may take. A fusion still running then is abandoned (it finishes in a
         background thread and its result is dropped) and the round keeps the previous global model.
@@ -129,6 +137,7 @@ class FedFuse(FedAvg):
         label_counts_key: str = "label-counts",
         screening: ScreeningRule | None = ScreeningRule(),  # noqa: B008  (frozen, so safe to share)
         claim_cap: float = 4.0,
+        guard: bool = True,
         fusion_timeout: float | None = 3600.0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -157,6 +166,8 @@ class FedFuse(FedAvg):
             )
         if screening is not None and not isinstance(screening, ScreeningRule):
             raise TypeError(f"screening must be a ScreeningRule or None, got {type(screening).__name__}")
+        if not isinstance(guard, bool):
+            raise TypeError(f"guard must be True or False, got {guard!r}")
         if not claim_cap >= 1 or not np.isfinite(claim_cap):
             raise ValueError(f"claim_cap must be a finite number of at least 1, got {claim_cap}")
         if fusion_timeout is not None and not fusion_timeout > 0:
@@ -183,6 +194,7 @@ class FedFuse(FedAvg):
         self.label_counts_key = label_counts_key
         self.screening = screening
         self.claim_cap = claim_cap
+        self.guard = guard
         self.fusion_timeout = fusion_timeout
         if self.fusion_config.width_multiplier != 1:
             raise ValueError(
@@ -246,6 +258,7 @@ class FedFuse(FedAvg):
             f"logit scale <= {rule.max_scale_ratio:g} x the median",
             self.claim_cap,
         )
+        log(INFO, "\t│\t├── Guard: %s", "keep the previous model if worse" if self.guard else "off")
         log(
             INFO,
             "\t│\t└── Fusion timeout: %s",
@@ -289,7 +302,7 @@ class FedFuse(FedAvg):
 
         metrics = self._client_metrics(valid)
         metrics.update({"fusion-rejected": rejected, "fusion-screened-out": 0, "fusion-failures": 0})
-        metrics.update({"fusion-clients": 0, "fusion-failed": 1})
+        metrics.update({"fusion-clients": 0, "fusion-failed": 1, "fusion-kept-previous": 0})
         parents = [self._model(reply) for reply in valid]
         if self.screening is not None and parents:
             screening = self._screen(valid, parents)
@@ -326,6 +339,8 @@ class FedFuse(FedAvg):
             default=1.0,
         )
         metrics["fusion-ridge"] = result.report.config["ridge"]
+        if self._worse_than_before(result.model, metrics):
+            return self._global, metrics
         log(
             INFO,
             "aggregate_train: fused %d clients in %.2f s, mean fit R2 %.4f",
@@ -334,6 +349,28 @@ class FedFuse(FedAvg):
             result.report.mean_fit_r2,
         )
         return arrays, metrics
+
+    def _worse_than_before(self, fused: nn.Module, metrics: MetricRecord) -> bool:
+        """Whether the round must keep the previous global model because ``fused`` is significantly worse
+        on the labelled calibration set (`fedfuse.strategy.guard`); the comparison goes in ``metrics``."""
+        calibration = CalibrationSet(self.calibration, self.fusion_config.batch_size)
+        if not self.guard or self._global is None or not calibration.has_labels:
+            return False
+        previous = self.model_fn()
+        previous.load_state_dict(self._global.to_torch_state_dict())
+        comparison = compare(previous, fused, calibration)
+        metrics["fusion-calibration-accuracy"] = comparison.new_accuracy
+        metrics["fusion-previous-calibration-accuracy"] = comparison.previous_accuracy
+        if not comparison.worse:
+            return False
+        metrics["fusion-kept-previous"] = 1
+        log(
+            WARNING,
+            "aggregate_train: the fused model is worse than the previous global model (%s); keeping the "
+            "previous one",
+            comparison.describe(),
+        )
+        return True
 
     @property
     def _needed(self) -> int:

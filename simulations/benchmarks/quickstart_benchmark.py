@@ -7,7 +7,9 @@ differs only by the aggregation. MNIST is the official test split read from ``--
 3x32x32), cut by the app with the seed into a client pool, a calibration set (200) and an evaluation set
 (2,000). Over several rounds the table also shows what the clients' training does from the fused model:
 their mean training loss per round (a diverging round shows as a huge loss or NaN) and the largest ratio
-of a fused layer's weight norm to the clients' (``fusion-max-norm-ratio``).
+of a fused layer's weight norm to the clients' (``fusion-max-norm-ratio``), and how many rounds kept the
+previous model because the new one was worse on the calibration set (FedFuse's guard; FedAvg given the
+same guard as ``fedavg-guarded``).
 
     python -m simulations.benchmarks.quickstart_benchmark                       # one-shot, iid and dirichlet
     python -m simulations.benchmarks.quickstart_benchmark --rounds 5 --learning-rate 0.1 --local-epochs 1
@@ -31,6 +33,8 @@ from simulations.flower_processes import QUICKSTART_DIR, flwr_run, simulation_su
 
 DEFAULT_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 REPO = QUICKSTART_DIR.parents[1]
+#: The app's strategies (its ``strategy`` config key).
+STRATEGIES = ("fedavg", "fedavg-guarded", "fedfuse", "fedfuse-unguarded")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,7 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=0.02, help="clients' SGD (momentum 0.9)")
-    parser.add_argument("--strategies", default="fedavg,fedfuse")
+    parser.add_argument(
+        "--strategies",
+        default="fedavg,fedfuse",
+        help=f"comma-separated, of {', '.join(STRATEGIES)} (the guarded and unguarded ones differ by "
+        "FedFuse's guard, fedfuse.strategy.guard)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
     if (
@@ -54,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         and not (args.data_dir / "t10k-images-idx3-ubyte").exists()
     ):
         parser.error(f"--data-dir {args.data_dir} holds no MNIST IDX files")
+    for name in args.strategies.split(","):
+        if name not in STRATEGIES:
+            parser.error(f"--strategies takes {', '.join(STRATEGIES)}, got {name!r}")
     for name in args.partitionings.split(","):
         if name not in ("iid", "dirichlet"):
             parser.error(f"--partitionings takes iid and dirichlet, got {name!r}")
@@ -84,9 +96,9 @@ def run(env: dict[str, str], home: Path, name: str, overrides: dict[str, object]
 
 def summarise(runs: list[dict[str, Any]], rounds: int) -> list[str]:
     lines = [
-        f"{'partitioning':<12} {'strategy':<8} "
+        f"{'partitioning':<12} {'strategy':<17} "
         + " ".join(f"{f'round {r}':>13}" for r in range(1, rounds + 1))
-        + f" {'max train loss':>15} {'max norm ratio':>15}"
+        + f" {'max train loss':>15} {'max norm ratio':>15} {'rounds kept':>12}"
     ]
     keys = sorted({(r["partitioning"], r["strategy"]) for r in runs})
     for partitioning, strategy in keys:
@@ -103,10 +115,11 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> list[str]:
             for m in r["train_metrics"].values()
             if "fusion-max-norm-ratio" in m
         ]
+        kept = sum(int(m.get("fusion-kept-previous", 0)) for r in group for m in r["train_metrics"].values())
         lines.append(
-            f"{partitioning:<12} {strategy:<8} "
+            f"{partitioning:<12} {strategy:<17} "
             + " ".join(f"{c:>13}" for c in cells)
-            + f" {max(losses):>15.3g} {(max(ratios) if ratios else float('nan')):>15.2f}"
+            + f" {max(losses):>15.3g} {(max(ratios) if ratios else float('nan')):>15.2f} {kept:>12}"
         )
     return lines
 

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedfuse import FedFuse
+from quickstart_app.guard_variants import guard_variant
 from quickstart_app.task import Net, load_server_sets, test
 
 app = ServerApp()
@@ -27,10 +28,13 @@ def main(grid: Grid, context: Context) -> None:
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
-    if context.run_config["strategy"] == "fedavg":
+    name = context.run_config["strategy"]
+    if name == "fedavg":
         strategy = FedAvg(fraction_evaluate=fraction_evaluate)
-    else:  # the one line that changes: FedAvg(...) -> FedFuse(model_fn=Net, calibration=..., ...)
+    elif name == "fedfuse":  # the one line that changes: FedAvg(...) -> FedFuse(model_fn=Net, ...)
         strategy = FedFuse(model_fn=Net, calibration=calibration, fraction_evaluate=fraction_evaluate)
+    else:  # the benchmark's variants: FedAvg with FedFuse's guard, FedFuse without it
+        strategy = guard_variant(name, calibration, fraction_evaluate)
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Score the global model on the server's evaluation set."""

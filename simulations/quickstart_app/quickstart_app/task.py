@@ -79,13 +79,12 @@ def load_data(partition_id: int, num_partitions: int, run_config: Mapping) -> tu
         parts = iid(labels, num_partitions, seed)
     mine = pool[parts[partition_id]]
     cut = int(len(mine) * 0.8)
-    generator = torch.Generator().manual_seed(seed * 1000 + partition_id)
     trainset = data.subset(mine[:cut])
     testset = data.subset(mine[cut:])
     batch_size = int(run_config["batch-size"])
-    trainloader = DataLoader(
-        TensorDataset(trainset.x, trainset.y), batch_size=batch_size, shuffle=True, generator=generator
-    )
+    # Shuffled by torch's global generator, which the ClientApp seeds per client and round: a new order
+    # every round, as a client that reshuffles each epoch sees, and the same in every run of one config.
+    trainloader = DataLoader(TensorDataset(trainset.x, trainset.y), batch_size=batch_size, shuffle=True)
     testloader = DataLoader(TensorDataset(testset.x, testset.y), batch_size=batch_size)
     return trainloader, testloader
 
