@@ -25,7 +25,9 @@ from tests.user_models import (
     QuickstartNet,
     Reordered,
     SmallResNet,
+    TextCNN,
     TiedNet,
+    Transposed,
 )
 
 EXACT = FusionConfig(ridge=0.0)
@@ -245,6 +247,31 @@ def test_describe_levels_shows_each_levels_kind_width_stream_and_variants() -> N
     assert "fc3    linear  10     classes  fc2        linear, gradient" in text
     resnet = describe_levels(SmallResNet(), torch.rand(2, 1, 12, 12))
     assert "stream conv1" in str(resnet) and "(+1 residual)" in str(resnet)
+
+
+@pytest.mark.parametrize("pooling", ["values", "index", "amax", "adaptive_max_pool1d"])
+def test_a_max_over_time_written_any_way_keeps_the_convolutions_channels_to_be_matched(pooling: str) -> None:
+    """``x.max(dim=2).values`` once lost the channels silently: the head then read the model's "input", and
+    the convolution's channels were matched by index, not grouped."""
+    torch.manual_seed(0)
+    model = TextCNN(pooling).eval()
+    calibration = torch.randn(600, 6, 10)
+    assert "fc     linear  4      classes  conv" in str(describe_levels(model, calibration[:2]))
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert [level.grouping for level in result.report.levels] == ["kmeans", "index"]
+    assert_same_function(result.model, model, torch.randn(100, 6, 10), tolerance=1e-4)
+
+
+def test_neurons_an_operation_without_a_rule_reads_are_matched_by_index_and_fusion_says_why() -> None:
+    """Matching by index is correct for any model (it averages neuron j with neuron j), so it is the
+    fallback; but it is poor for parents from different starts, so it is named, never silent."""
+    calibration = torch.randn(16, 8)
+    plan = describe_levels(Transposed(), calibration)
+    assert plan.spaces["fc"].fixed
+    assert "fc: matched by index, not grouped: the attribute .T of neurons" in str(plan)
+    with pytest.warns(UserWarning, match=r"level 'fc': its neurons are matched by index, not grouped \(the"):
+        result = fuse([Transposed(), Transposed()], calibration)
+    assert result.report.levels[0].grouping == "index"
 
 
 def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:

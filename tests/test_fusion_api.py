@@ -65,11 +65,20 @@ def test_fusing_one_model_returns_an_equal_copy() -> None:
         (INPUTS, LABELS),
         DataLoader(TensorDataset(INPUTS, LABELS), batch_size=10),
         [(INPUTS[i : i + 40], LABELS[i : i + 40]) for i in range(0, 96, 40)],
+        DataLoader(
+            TensorDataset(INPUTS, LABELS),
+            batch_size=10,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        (INPUTS, LABELS.to(torch.uint8)),
     ],
-    ids=["pair", "dataloader", "list-of-batches"],
+    ids=["pair", "dataloader", "list-of-batches", "shuffling-dataloader", "uint8-labels"],
 )
 def test_every_calibration_form_and_batching_gives_the_same_fusion(calibration: object) -> None:
-    """Statistics are sums over rows, so how the calibration set is batched changes only round-off."""
+    """Statistics are sums over rows, so how the calibration set is batched, or in which order its samples
+    come, changes only round-off. A shuffling DataLoader is read once, so every pass pairs the same samples
+    (read anew each pass, it fused mismatched activations: near chance accuracy)."""
     config = FusionConfig(importance="gradient_x_activation", batch_size=32)
     reference = fuse(independent_parents(2), (INPUTS, LABELS), config).model
     fused = fuse(independent_parents(2), calibration, config).model

@@ -45,6 +45,22 @@ def test_a_fresh_level_init_is_trained_to_the_targets() -> None:
     assert_same_function(result.model, model, torch.randn(200, 20), tolerance=0.15)
 
 
+def test_a_layer_the_clients_froze_is_fused_by_the_gradient_variant_and_stays_frozen() -> None:
+    """A frozen layer (``requires_grad=False``, a shared feature extractor) is a level like any other:
+    its fit turns gradients on for the fit alone, and the fused model keeps the parents' flags."""
+    torch.manual_seed(0)
+    model = mlp().eval()
+    model[1].requires_grad_(False)  # the first Linear
+    calibration = torch.randn(500, 20)
+    parents = [model, permuted_copy(model, seed=1, example=calibration)]
+    result = fuse(parents, calibration, FusionConfig(variant="gradient", level_init="fresh"))
+    assert result.report.mean_fit_r2 > 0.98
+    assert_same_function(result.model, model, torch.randn(200, 20), tolerance=0.15)
+    assert {name: p.requires_grad for name, p in result.model.named_parameters()} == {
+        name: p.requires_grad for name, p in model.named_parameters()
+    }
+
+
 def test_gradient_fusion_is_bit_for_bit_reproducible() -> None:
     torch.manual_seed(0)
     parents = [mlp().eval() for _ in range(3)]

@@ -126,3 +126,38 @@ class DataDependent(nn.Module):
         if h.mean() > 0:
             h = F.relu(h)
         return self.head(h)
+
+
+class TextCNN(nn.Module):
+    """A text classifier's convolution over time and a max over time, written the ways people write
+    it: ``x.max(dim=2).values`` (the usual idiom), ``torch.max(x, 2)[0]``, ``x.amax(2)`` or a pooling."""
+
+    def __init__(self, pooling: str = "values") -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.conv = nn.Conv1d(6, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        if self.pooling == "values":
+            x = x.max(dim=2).values
+        elif self.pooling == "index":
+            x = torch.max(x, 2)[0]
+        elif self.pooling == "amax":
+            x = x.amax(dim=2)
+        else:
+            x = F.adaptive_max_pool1d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+class Transposed(nn.Module):
+    """Neurons transposed (and back) by the ``.T`` attribute: a rule fusion does not have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(x)).T.T)

@@ -1,8 +1,12 @@
 """The server-side calibration set, read as batches as often as fusion needs a pass over it.
 
-Fusion streams the calibration set once per level and accumulates statistics, so its memory does not
-grow with the set's size; the set must therefore be re-iterable (a tensor, a pair, a list of batches or a
-DataLoader; not a generator).
+Fusion makes several passes over the calibration set (one or more per level) and pairs what it measured
+in one pass with what it measures in the next, batch by batch, so every pass must see the same samples
+in the same order. A tensor or an (inputs, labels) pair is batched in place; a re-iterable of batches (a
+DataLoader, a list) is read once, when the set is built, and its batches are kept: a DataLoader that
+shuffles, or augments at random, would otherwise give each pass other samples, and the fused model would
+be fitted to mismatched activations (near chance accuracy, and no error). Keeping them costs the set's
+size in memory, which for a calibration set of a few thousand samples is small beside the models'.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ class CalibrationSet:
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
             if iter(data) is data:
                 raise TypeError(
-                    "calibration is a one-shot iterator (e.g. a generator); fusion reads it once per level, "
-                    "so pass a list of batches or a DataLoader"
+                    "calibration is a one-shot iterator (e.g. a generator); a Flower strategy reads it every "
+                    "round, so pass a list of batches or a DataLoader"
                 )
-            self._source = data
+            self._source = list(_unpacked(data))  # one read: every pass sees these same batches
         else:
             raise TypeError(
                 "calibration must be a tensor, an (inputs, labels) pair or an iterable of batches; "
@@ -56,7 +60,7 @@ class CalibrationSet:
     def _scan(self) -> tuple[int, bool, tuple[int, int] | None]:
         count, labelled = 0, set()
         low, high = None, None
-        for index, (inputs, labels) in enumerate(self._unpacked()):
+        for index, (inputs, labels) in enumerate(_unpacked(self._source)):
             where = f"calibration batch {index}"
             _check_batch(inputs, labels, where=where)
             if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
@@ -101,26 +105,28 @@ class CalibrationSet:
                 f"outputs; they range from {self.label_range[0]} to {self.label_range[1]}"
             )
 
-    def _unpacked(self) -> Iterator[Batch]:
-        for batch in self._source:
-            if isinstance(batch, Tensor):
-                yield batch, None
-            elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Tensor):
-                yield batch[0], batch[1] if len(batch) == 2 else None
-            else:
-                raise TypeError(
-                    "each calibration batch must be a tensor or an (inputs, labels) pair; "
-                    f"got {type(batch).__name__}"
-                )
-
     def batches(self, device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
-        """Batches on ``device``; floating inputs cast to ``dtype`` (the models' parameter dtype)."""
-        for inputs, labels in self._unpacked():
+        """Batches on ``device``; floating inputs cast to ``dtype`` (the models' parameter dtype), labels
+        to int64 (uint8 labels, as NumPy loaders give them, index tensors as any other)."""
+        for inputs, labels in _unpacked(self._source):
             if inputs.is_floating_point():
                 inputs = inputs.to(device=device, dtype=dtype)
             else:
                 inputs = inputs.to(device)
-            yield inputs, None if labels is None else labels.to(device)
+            yield inputs, None if labels is None else labels.to(device=device, dtype=torch.long)
+
+
+def _unpacked(source: Iterable) -> Iterator[Batch]:
+    for batch in source:
+        if isinstance(batch, Tensor):
+            yield batch, None
+        elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Tensor):
+            yield batch[0], batch[1] if len(batch) == 2 else None
+        else:
+            raise TypeError(
+                "each calibration batch must be a tensor or an (inputs, labels) pair; "
+                f"got {type(batch).__name__}"
+            )
 
 
 def _check_batch(inputs: Tensor, labels: Tensor | None, where: str) -> None:
@@ -130,7 +136,7 @@ def _check_batch(inputs: Tensor, labels: Tensor | None, where: str) -> None:
         return
     if not isinstance(labels, Tensor):
         raise TypeError(f"{where}: labels must be a tensor or None, got {type(labels).__name__}")
-    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
             f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}"
         )

@@ -104,6 +104,12 @@ RESHAPING_METHODS: frozenset[str] = frozenset({"flatten", "view", "reshape", "sq
 # Reductions over the axes given by ``dim`` (the channel axis must not be one of them).
 REDUCING_FUNCTIONS: frozenset[Callable] = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
 REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin"})
+# torch.max / torch.min: with ``dim``, a reduction that returns ``(values, indices)``; with a second
+# tensor, an element-wise operation.
+EXTREMA_FUNCTIONS: frozenset[Callable] = frozenset({torch.max, torch.min})
+EXTREMA_METHODS: frozenset[str] = frozenset({"max", "min"})
+# Attributes of a tensor that are the same tensor.
+SAME_TENSOR_ATTRIBUTES: frozenset[str] = frozenset({"data"})
 # Element-wise binary operations, with broadcasting.
 JOINING_FUNCTIONS: frozenset[Callable] = frozenset({
     operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, operator.mul,
@@ -158,6 +164,7 @@ class ChannelMap:
         parents: the union-find forest of spaces (`find` gives a space's stream).
         widths: per space, its number of channels.
         outputs: the spaces that reach the model's output (its classes), before they were fixed.
+        fixed_because: per space fixed by a rule, why (`fix`).
     """
 
     annotations: dict[str, Annotation] = field(default_factory=dict)
@@ -167,6 +174,7 @@ class ChannelMap:
     parents: dict[int, int] = field(default_factory=lambda: {FIXED: FIXED})
     widths: dict[int, int] = field(default_factory=dict)
     outputs: set[int] = field(default_factory=set)
+    fixed_because: dict[int, str] = field(default_factory=dict)
 
     def new_space(self, width: int) -> int:
         space = len(self.parents)
@@ -189,6 +197,14 @@ class ChannelMap:
         self.parents[drop] = keep
         return keep
 
+    def fix(self, space: int, reason: str) -> int:
+        """Fix ``space``'s stream (`join` it with `FIXED`), remembering why for each of its spaces."""
+        stream = self.find(space)
+        for member in self.parents:
+            if member != FIXED and self.find(member) == stream:
+                self.fixed_because.setdefault(member, reason)
+        return self.join(stream, FIXED)
+
     def fixed(self, space: int) -> bool:
         return self.find(space) == FIXED
 
@@ -206,6 +222,8 @@ class _Propagation(fx.Interpreter):
         super().__init__(graph_module)
         self.map = ChannelMap()
         self.users = {node.name: len(node.users) for node in graph_module.graph.nodes}
+        # The values of each (values, indices) pair a max or min over an axis returned.
+        self.extrema: dict[str, Annotation] = {}
 
     # -- fx.Interpreter hooks ------------------------------------------------------------------------------
     def run_node(self, node: fx.Node) -> Any:
@@ -231,8 +249,12 @@ class _Propagation(fx.Interpreter):
         target = node.target
         method = target if node.op == "call_method" else None
         function = target if node.op == "call_function" else None
-        if method in SHAPE_METHODS or function is getattr:
+        if function in (getattr, operator.getitem) and node.args[0].name in self.extrema:
+            return self._extremum_part(node, value)
+        if method in SHAPE_METHODS:
             return None
+        if function is getattr:
+            return self._attribute(node, value)
         if node.op == "call_module":
             return self._module(node, self.fetch_attr(str(node.target)), value)
         if not any(isinstance(a, Channels) or a is UNKNOWN for a in inputs):
@@ -248,6 +270,8 @@ class _Propagation(fx.Interpreter):
             return self._reshaped(node, self._first(node), self._arg_shape(node), value)
         if function in REDUCING_FUNCTIONS or method in REDUCING_METHODS:
             return self._reduced(node, value)
+        if function in EXTREMA_FUNCTIONS or method in EXTREMA_METHODS:
+            return self._extremum(node, value)
         if function in JOINING_FUNCTIONS or method in JOINING_METHODS:
             return self._joined(node, value)
         if function is operator.getitem:
@@ -376,6 +400,38 @@ class _Propagation(fx.Interpreter):
         axis = source.axis if keepdim else source.axis - sum(d < source.axis for d in dims)
         return Channels(source.space, axis, source.positions)
 
+    def _extremum(self, node: fx.Node, value: Any) -> Annotation:
+        """``torch.max(x, other)`` is element-wise; ``torch.max(x, dim)`` a reduction whose values (read
+        by ``.values`` or ``[0]``, `_extremum_part`) keep the channels, like ``amax``; a max over every
+        axis mixes them."""
+        other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(other, fx.Node):
+            return self._joined(node, value)
+        if isinstance(value, Tensor):
+            return self._opaque(node, "a reduction over every axis, channels included")
+        self.extrema[node.name] = self._reduced(node, value[0])
+        return UNKNOWN  # a pair is no tensor of neurons; its values are
+
+    def _extremum_part(self, node: fx.Node, value: Any) -> Annotation:
+        part = node.args[1]
+        if part in ("values", 0):
+            return self.extrema[node.args[0].name]
+        if part in ("indices", 1):
+            return self._opaque(node, "the positions of a max or min over neurons")
+        return None
+
+    def _attribute(self, node: fx.Node, value: Any) -> Annotation:
+        """A tensor's attribute: a shape, dtype or device carries nothing; the same tensor (``.data``)
+        its channels; any other tensor (``.T``, ``.mT``, ``.real``) has no rule."""
+        if not isinstance(value, Tensor):
+            return None
+        source = self._first(node)
+        if source is None or source is TIED:
+            return source
+        if node.args[1] in SAME_TENSOR_ATTRIBUTES:
+            return source
+        return self._opaque(node, f"the attribute .{node.args[1]} of neurons: fusion has no rule for it")
+
     def _joined(self, node: fx.Node, value: Tensor) -> Annotation:
         result: Channels | None = None
         for arg in (*node.args, *node.kwargs.values()):
@@ -405,7 +461,11 @@ class _Propagation(fx.Interpreter):
             if annotation is None and axis >= 0 and shape[axis] != 1:
                 # A tensor of the input or constants, with one entry per channel: it ties each channel to
                 # its index, the same in every parent.
-                result = Channels(self.map.join(result.space, FIXED), result.axis, result.positions)
+                fixed = self.map.fix(
+                    result.space,
+                    "an element-wise operation with a constant per channel ties each to its index",
+                )
+                result = Channels(fixed, result.axis, result.positions)
         return result
 
     def _indexed(self, node: fx.Node, value: Any) -> Annotation:

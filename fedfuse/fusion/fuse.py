@@ -6,6 +6,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -232,6 +233,15 @@ def _plan(
     _check_runs(model, example)
     plan = plan_levels(model, example, levels)
     plan.check(config.variant, config.width_multiplier)
+    if config.grouping != "index":
+        for space in plan.spaces.values():
+            if space.why_fixed:
+                warnings.warn(
+                    f"level '{space.name}': its neurons are matched by index, not grouped "
+                    f"({space.why_fixed}); parents trained from different starts fuse poorly there. Write "
+                    "the operation with one fusion has a rule for (docs/fusion.md), or declare the levels",
+                    stacklevel=3,
+                )
     calibration.check_labels(plan.output_width)
     return plan, example
 

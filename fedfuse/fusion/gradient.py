@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -210,7 +212,7 @@ def _train(
         return [parameter.detach().clone() for parameter in parameters]
 
     best, best_state, stale, epochs_run = held_out_loss(), snapshot(), 0, 0
-    with torch.enable_grad():
+    with torch.enable_grad(), _trainable(parameters):
         for epoch in range(1, config.epochs + 1):
             epochs_run = epoch
             for batch in training[torch.randperm(len(training), generator=generator)].split(
@@ -230,6 +232,21 @@ def _train(
         for parameter, value in zip(parameters, best_state):
             parameter.copy_(value)
     return epochs_run
+
+
+@contextmanager
+def _trainable(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """The parameters with gradients on while they are fitted, and their own flags after: every level is
+    fused, a layer the clients froze (``requires_grad=False``, a shared feature extractor) included, and
+    the fused model keeps it frozen."""
+    flags = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
 
 
 def _r2(body: nn.Module, inputs: Tensor, targets: Tensor, axis: int, batch_size: int) -> float:

@@ -121,6 +121,8 @@ class Space:
         classes: it is the model's output: neuron c is class c, weighted per class.
         levels: the levels whose outputs are in it, in fit order.
         points: where its neurons are read for grouping: each level's output and each residual sum.
+        why_fixed: for a fixed space that is not the classes, the rule that fixed it (an operation on its
+            neurons that fusion has no rule for, say), shown by `describe_levels`.
     """
 
     name: str
@@ -129,6 +131,7 @@ class Space:
     classes: bool
     levels: tuple[str, ...]
     points: tuple[Point, ...]
+    why_fixed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,11 @@ class LevelPlan:
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         blocks = [level for level in self.levels if not level.closed_form]
         lines += [f"  {level.name}: {level.reason}" for level in blocks]
+        lines += [
+            f"  {space.name}: matched by index, not grouped: {space.why_fixed}"
+            for space in self.spaces.values()
+            if space.why_fixed
+        ]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -399,14 +407,14 @@ class _TracedPlanner:
         ]
         modules += read
         parameters += read
-        if not parameters:
-            source = self.map.annotations.get(entry)
-            if isinstance(source, Channels):
-                self.map.join(source.space, FIXED)
-            return None
         reasons = [
             self.opaque[node.name] for node in self.nodes if node.name in self.opaque and node.name in names
         ]
+        if not parameters:
+            source = self.map.annotations.get(entry)
+            if isinstance(source, Channels):
+                self.map.fix(source.space, reasons[0])
+            return None
         annotation = self.map.annotations.get(exit_)
         shape = self.map.shapes.get(exit_, ())
         output = output_node(self.graph_module.graph)
@@ -414,9 +422,10 @@ class _TracedPlanner:
             axis, width = annotation.axis, shape[annotation.axis]
         elif annotation is UNKNOWN and exit_ != output:
             raise ValueError(
-                f"fusion cannot tell which neurons the block ending at '{exit_}' outputs ({reasons[0]}); "
-                "declare the model's levels (fusion_levels() or fuse(levels=...)) so that each block's "
-                "output holds its channels on one axis"
+                f"fusion cannot tell which neurons the block ending at '{exit_}' outputs ({reasons[0]}), "
+                "so it cannot match them across the parents; declare the model's levels (fusion_levels() "
+                "or fuse(levels=[...])), each ending where its output holds one neuron per channel on one "
+                "axis, and fuse them with variant='gradient'"
             )
         else:
             axis = len(shape) - 1
@@ -588,8 +597,13 @@ class _TracedPlanner:
             points += tuple(
                 Point(level.target, level.axis) for level in group if level.target != level.output
             )
+            why = None
+            if fixed and not classes and isinstance(annotation, Channels):
+                why = self.map.fixed_because.get(
+                    annotation.space, "its stream was joined with one whose neurons keep their index"
+                )
             spaces[name] = Space(
-                name, group[0].width, fixed, classes, tuple(level.name for level in group), points
+                name, group[0].width, fixed, classes, tuple(level.name for level in group), points, why
             )
         space_of = {level.name: name for name, group in members.items() for level in group}
         levels = [

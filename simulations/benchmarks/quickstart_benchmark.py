@@ -7,7 +7,8 @@ differs only by the aggregation. MNIST is the official test split read from ``--
 3x32x32), cut by the app with the seed into a client pool, a calibration set (200) and an evaluation set
 (2,000). Over several rounds the table also shows what the clients' training does from the fused model:
 their mean training loss per round (a diverging round shows as a huge loss or NaN) and the largest ratio
-of a fused layer's weight norm to the clients' (``fusion-max-norm-ratio``), and how many rounds kept the
+of a fused layer's weight norm to the clients' (``fusion-max-norm-ratio``, of the fused models the round
+kept), and how many rounds kept the
 previous model because the new one was worse on the calibration set (FedFuse's guard; FedAvg given the
 same guard as ``fedavg-guarded``).
 
@@ -109,11 +110,11 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> list[str]:
             spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
             cells.append(f"{statistics.mean(scores):.3f} ± {spread:.3f}")
         losses = [m.get("train_loss", float("nan")) for r in group for m in r["train_metrics"].values()]
-        ratios = [
+        ratios = [  # of the models sent to the clients: not of those the guard kept back
             m["fusion-max-norm-ratio"]
             for r in group
             for m in r["train_metrics"].values()
-            if "fusion-max-norm-ratio" in m
+            if "fusion-max-norm-ratio" in m and not m.get("fusion-kept-previous")
         ]
         kept = sum(int(m.get("fusion-kept-previous", 0)) for r in group for m in r["train_metrics"].values())
         lines.append(
