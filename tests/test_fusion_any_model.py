@@ -22,6 +22,7 @@ from tests.test_fusion_recovers_functions import assert_same_function, trained_s
 from tests.user_models import (
     CalledTwice,
     DataDependent,
+    MaxOfBranches,
     QuickstartNet,
     Reordered,
     SmallResNet,
@@ -260,6 +261,15 @@ def test_a_max_over_time_written_any_way_keeps_the_convolutions_channels_to_be_m
     result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
     assert [level.grouping for level in result.report.levels] == ["kmeans", "index"]
     assert_same_function(result.model, model, torch.randn(100, 6, 10), tolerance=1e-4)
+
+
+def test_branches_joined_by_an_element_wise_maximum_share_one_grouping_and_are_recovered() -> None:
+    torch.manual_seed(0)
+    model = MaxOfBranches().eval()
+    calibration = torch.randn(400, 8)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert [level.grouping for level in result.report.levels] == ["kmeans", "stream", "index"]
+    assert_same_function(result.model, model, torch.randn(100, 8), tolerance=1e-4)
 
 
 def test_neurons_an_operation_without_a_rule_reads_are_matched_by_index_and_fusion_says_why() -> None:

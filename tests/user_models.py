@@ -161,3 +161,16 @@ class Transposed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.fc(x)).T.T)
+
+
+class MaxOfBranches(nn.Module):
+    """Two branches joined by an element-wise maximum (a maxout unit): their channels line up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(torch.maximum(self.a(x), self.b(x))))

@@ -113,9 +113,11 @@ SAME_TENSOR_ATTRIBUTES: frozenset[str] = frozenset({"data"})
 # Element-wise binary operations, with broadcasting.
 JOINING_FUNCTIONS: frozenset[Callable] = frozenset({
     operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, operator.mul,
-    operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
+    operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div, torch.maximum, torch.minimum,
 })  # fmt: skip
-JOINING_METHODS: frozenset[str] = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
+JOINING_METHODS: frozenset[str] = frozenset({
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+})  # fmt: skip
 #: The binary operations whose result is a sum: a level that feeds one directly can be fitted to the
 #: sum's target minus the other terms (a residual connection).
 SUMS: frozenset[Any] = frozenset({operator.add, operator.iadd, torch.add, "add", "add_"})
@@ -249,7 +251,11 @@ class _Propagation(fx.Interpreter):
         target = node.target
         method = target if node.op == "call_method" else None
         function = target if node.op == "call_function" else None
-        if function in (getattr, operator.getitem) and node.args[0].name in self.extrema:
+        if (
+            function in (getattr, operator.getitem)
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].name in self.extrema
+        ):
             return self._extremum_part(node, value)
         if method in SHAPE_METHODS:
             return None
