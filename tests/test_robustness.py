@@ -57,6 +57,17 @@ def trained_on(x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.T
     return model.state_dict()
 
 
+def dead_neuron_bomb(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An honest model plus a hidden neuron that never fires (on the calibration set or anywhere) but
+    carries huge outgoing weights: every figure measured on the calibration set is the honest model's.
+    Fused, it was regrouped with live neurons and woke (1e37 came back as 2.9e38)."""
+    bomb = {key: value.clone() for key, value in state.items()}
+    bomb["0.weight"][0] = 0.0
+    bomb["0.bias"][0] = -1e3
+    bomb["2.weight"][:, 0] = 1e30
+    return bomb
+
+
 def honest_replies(client_states) -> list:
     return [reply(node, state) for node, state in zip([1, 2, 3], client_states, strict=True)]
 
@@ -72,6 +83,7 @@ def honest_replies(client_states) -> list:
         ("x1e13", "output scale out of line"),
         ("x1e20", "non-finite activations"),
         ("flipped-labels", "no better than chance"),
+        ("dead-neuron-bomb", "weights out of line: '2.weight' has norm"),
     ],
 )
 def test_a_bad_client_is_screened_out_named_with_its_figures_and_the_honest_ones_fused(
@@ -84,6 +96,7 @@ def test_a_bad_client_is_screened_out_named_with_its_figures_and_the_honest_ones
         "x1e13": lambda: scaled(client_states[0], 1e13),
         "x1e20": lambda: scaled(client_states[0], 1e20),
         "flipped-labels": lambda: trained_on(x, (y + 1) % CLASSES, seed=5),
+        "dead-neuron-bomb": lambda: dead_neuron_bomb(client_states[0]),
     }[attack]()
     calls = spy_on_fuse(monkeypatch)
     strategy = FedFuse(make_net, calibration, fusion_config=FusionConfig(seed=0))
@@ -318,8 +331,45 @@ def test_an_error_reply_from_the_superlink_names_the_node_the_instruction_was_se
     unavailable = reply(1, None, error="Node Unavailable")  # from the SuperLink (node id 1) to itself
     unavailable.metadata.dst_node_id = 1
     unavailable.metadata.reply_to_message_id = "instruction-1"
+    answers = [reply(101, client_states[0]), reply(103, client_states[2])]
+    for answer, instruction in zip(answers, ("instruction-0", "instruction-2"), strict=True):
+        answer.metadata.reply_to_message_id = instruction
 
-    strategy.aggregate_train(1, [unavailable, *honest_replies(client_states)])
+    _, metrics = strategy.aggregate_train(1, [unavailable, *answers])
 
     assert any(f"node {dead} is left out: it replied with an error" in w for w in warnings_of(flwr_log))
     assert not any("node 1 is left out" in w for w in warnings_of(flwr_log))
+    assert metrics["fusion-clients"] == 2
+
+
+def test_a_node_that_replies_twice_is_fused_once_and_the_repeat_named(calibration, client_states, flwr_log):
+    strategy = FedFuse(make_net, calibration)
+    replies = [*honest_replies(client_states), reply(1, client_states[0]), reply(1, client_states[1])]
+
+    _, metrics = strategy.aggregate_train(1, replies)
+
+    assert metrics["fusion-clients"] == 3 and metrics["fusion-rejected"] == 2
+    repeats = [w for w in warnings_of(flwr_log) if "a reply of node 1 is left out" in w]
+    assert len(repeats) == 2 and "replied more than once" in repeats[0]
+
+
+def test_a_reply_that_answers_no_instruction_of_the_round_is_left_out_and_named(
+    task_identity, calibration, client_states, flwr_log
+):
+    strategy = FedFuse(make_net, calibration, fraction_evaluate=0.0)
+    grid = FakeGrid(training_client, node_ids=(101, 102))
+    messages = list(
+        strategy.configure_train(1, ArrayRecord(make_net().state_dict()), ConfigRecord(), grid.grid)
+    )
+    for index, message in enumerate(messages):  # what the grid does as it sends them
+        message.metadata.__dict__["_message_id"] = f"instruction-{index}"
+    answers = [reply(101, client_states[0]), reply(102, client_states[1]), reply(901, client_states[2])]
+    for answer, instruction in zip(answers, ("instruction-0", "instruction-1", "elsewhere"), strict=True):
+        answer.metadata.reply_to_message_id = instruction
+
+    _, metrics = strategy.aggregate_train(1, answers)
+
+    assert metrics["fusion-clients"] == 2 and metrics["fusion-rejected"] == 1
+    assert any(
+        "node 901 is left out: its reply answers no training instruction" in w for w in warnings_of(flwr_log)
+    )

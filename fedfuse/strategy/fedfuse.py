@@ -43,6 +43,11 @@ PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
 #: between 1 and 10 on the quickstart app's five-round runs (docs/benchmarks.md).
 CONTINUING_RIDGE = 10.0
 
+#: Why a reply that answers no instruction of the round, or repeats a node's reply, is left out: each node
+#: sampled for the round counts once, whatever arrives.
+UNSOLICITED = "its reply answers no training instruction of this round"
+REPEATED = "the node replied more than once this round, and its first valid reply is the one fused"
+
 #: The server-side calibration data: inputs, an (inputs, labels) pair, or a re-iterable of batches.
 Calibration = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Iterable
 
@@ -387,8 +392,15 @@ class FedFuse(FedAvg):
         for message in replies:
             try:
                 node = node_of(message, recipients)
+                unsolicited = bool(recipients) and message.metadata.reply_to_message_id not in recipients
             except Exception:  # pylint: disable=broad-except  # metadata Flower could not decode
-                node = -1
+                node, unsolicited = -1, False
+            if unsolicited:
+                log(WARNING, "aggregate_train: node %s is left out: %s", node, UNSOLICITED)
+                continue
+            if node != -1 and any(reply.node_id == node for reply in valid):
+                log(WARNING, "aggregate_train: a reply of node %s is left out: %s", node, REPEATED)
+                continue
             try:
                 valid.append(
                     check_train_reply(

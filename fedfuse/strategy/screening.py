@@ -27,15 +27,22 @@ The rule, per client, on the calibration set:
    minority of inflated models cannot move it). Honest clients differ by a small factor; a model
    scaled up, even one that still classifies, would dominate every activation-matching fit. Small
    scales are left alone: a weakly trained client is not dangerous, it merely counts for less.
+4. **Weights in line.** The norm of each of the client's weight matrices (every parameter of two or more
+   dimensions) must not exceed ``max_scale_ratio`` times the lower median of the clients' norms of that
+   matrix. This is what the calibration set cannot show: a neuron that never fires on it (a large
+   negative bias) but carries enormous outgoing weights leaves every figure above honest, yet fusion
+   regroups it with live neurons, which wakes it, and its weights with it (one of 1e37 came back as
+   2.9e38 in the fused model, and two such clients failed every fusion). Biases and other vectors are
+   left to rules 1-3: theirs shows on the calibration set, and a small bias can honestly differ by more.
 
-Without labels only rules 1 and 3 apply. Every figure is kept for the log and the round's metrics.
+Without labels only rules 1, 3 and 4 apply. Every figure is kept for the log and the round's metrics.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -58,7 +65,8 @@ class ScreeningRule:
         min_recall: the share of a class's samples a client must predict as that class for its ranking
             of the class to count, in (0, 1].
         competent_classes: how many of its best classes a client is judged on (at least 1).
-        max_scale_ratio: how many times the reference scale a client's logits may reach (more than 1).
+        max_scale_ratio: how many times the reference a client's logit scale, and the norm of each of its
+            weight matrices, may reach (more than 1).
     """
 
     min_competence: float = 0.2
@@ -92,6 +100,7 @@ class ClientFigures:
         competence: mean of the ``competent_classes`` largest per-class competences: ``J_c`` where
             ``recall_c >= min_recall``, else ``min(J_c, 0)`` (NaN without labels).
         logit_scale: root mean square of the logits (inf if not finite).
+        weight_norms: per weight matrix (parameter of two or more dimensions), its Frobenius norm.
     """
 
     node_id: int
@@ -102,6 +111,7 @@ class ClientFigures:
     recall: np.ndarray
     competence: float
     logit_scale: float
+    weight_norms: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         """The figures for a log line: ``loss 2.31, accuracy 0.10, competence -0.01, logit scale 3.2e+01``."""
@@ -165,7 +175,7 @@ def measure(
         rule: its ``min_recall`` and ``competent_classes`` define the competence.
     """
     return [
-        _measure_one(model, node, calibration, classes, rule)
+        replace(_measure_one(model, node, calibration, classes, rule), weight_norms=_weight_norms(model))
         for model, node in zip(models, node_ids, strict=True)
     ]
 
@@ -174,6 +184,7 @@ def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
     """Apply the rule (see the module's docstring) to every client's figures."""
     finite_scales = sorted(f.logit_scale for f in figures if f.finite)
     reference = finite_scales[(len(finite_scales) - 1) // 2] if finite_scales else float("nan")
+    reference_norms = lower_medians([f.weight_norms for f in figures if f.finite])
     reasons: list[str | None] = []
     for figure in figures:
         if not figure.finite:
@@ -192,9 +203,46 @@ def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
                 f"{figure.logit_scale / reference:.3g} times the clients' median {reference:.3g} (at most "
                 f"{rule.max_scale_ratio:g}); {figure.describe()}"
             )
+        elif outlier := _weights_out_of_line(figure.weight_norms, reference_norms, rule.max_scale_ratio):
+            reasons.append(f"{outlier}; {figure.describe()}")
         else:
             reasons.append(None)
     return Screening(list(figures), reasons, reference)
+
+
+def _weight_norms(model: nn.Module) -> dict[str, float]:
+    """The Frobenius norm of each weight matrix, in float64 (a float32 norm of 3e38 entries overflows)."""
+    return {
+        name: float(parameter.detach().double().norm())
+        for name, parameter in model.named_parameters()
+        if parameter.dim() >= 2
+    }
+
+
+def lower_medians(norms: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per weight matrix, the lower median of the clients' norms (as for the logit scale, rule 3)."""
+    names = {name for client in norms for name in client}
+    medians = {}
+    for name in names:
+        values = sorted(client[name] for client in norms if name in client)
+        medians[name] = values[(len(values) - 1) // 2]
+    return medians
+
+
+def _weights_out_of_line(norms: dict[str, float], reference: dict[str, float], ratio: float) -> str | None:
+    """Why the weights are out of line (rule 4), naming the matrix furthest out, or None."""
+    excess = {
+        name: norm / reference[name]
+        for name, norm in norms.items()
+        if reference.get(name, 0.0) > 0 and norm > ratio * reference[name]
+    }
+    if not excess:
+        return None
+    name = max(excess, key=lambda key: excess[key])
+    return (
+        f"weights out of line: '{name}' has norm {norms[name]:.3g}, {excess[name]:.3g} times the clients' "
+        f"median {reference[name]:.3g} (at most {ratio:g})"
+    )
 
 
 def _measure_one(

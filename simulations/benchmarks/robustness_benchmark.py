@@ -59,7 +59,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from fedfuse import FedFuse, FusionConfig
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.models import build_model
-from fedfuse.strategy.screening import ScreeningRule, measure, screen
+from fedfuse.strategy.screening import ClientFigures, ScreeningRule, lower_medians, measure, screen
 from simulations.clients import train_clients
 from simulations.federation import federated_split
 from simulations.training import evaluate, train
@@ -394,6 +394,14 @@ def targets(cells: list[dict[str, Any]]) -> list[str]:
 # --- false rejections of honest clients ----------------------------------------------------------------
 
 
+def _largest_weight_ratio(figures: list[ClientFigures]) -> float:
+    """The largest norm of a client's weight matrix over the clients' lower median of it (rule 4)."""
+    medians = lower_medians([f.weight_norms for f in figures])
+    return max(
+        norm / medians[name] for f in figures for name, norm in f.weight_norms.items() if medians[name] > 0
+    )
+
+
 def run_false_rejections(args: argparse.Namespace) -> dict[str, Any]:
     """Honest MNIST clients (Dirichlet 0.1, 0.3, 0.5; 5 and 10 clients; seeds 0-2) through the rule."""
     rule = ScreeningRule()
@@ -422,13 +430,15 @@ def run_false_rejections(args: argparse.Namespace) -> dict[str, Any]:
                         "reasons": [decision.reasons[k] for k in decision.left_out],
                         "min_competence": min(f.competence for f in figures),
                         "max_scale_ratio": max(f.logit_scale for f in figures) / decision.reference_scale,
+                        "max_weight_ratio": _largest_weight_ratio(figures),
                         "sizes": [len(p) for p in parts],
                     }
                 )
                 print(
                     f"alpha {alpha} {clients} clients seed {seed}: {len(decision.left_out)} rejected, "
                     f"lowest competence {rows[-1]['min_competence']:.3f}, "
-                    f"largest scale ratio {rows[-1]['max_scale_ratio']:.2f}",
+                    f"largest scale ratio {rows[-1]['max_scale_ratio']:.2f}, "
+                    f"largest weight ratio {rows[-1]['max_weight_ratio']:.2f}",
                     flush=True,
                 )
     total = sum(len(r["rejected"]) for r in rows)
@@ -437,8 +447,8 @@ def run_false_rejections(args: argparse.Namespace) -> dict[str, Any]:
         f"false rejections: {total} of {clients_seen} honest clients (MNIST, MLP, 2 local epochs, Dirichlet "
         f"0.1/0.3/0.5, 5 and 10 clients, seeds 0-2); lowest competence "
         f"{min(r['min_competence'] for r in rows):.3f} (threshold {rule.min_competence}), "
-        f"largest scale ratio {max(r['max_scale_ratio'] for r in rows):.2f} "
-        f"(threshold {rule.max_scale_ratio:g})"
+        f"largest scale ratio {max(r['max_scale_ratio'] for r in rows):.2f}, largest weight-norm ratio "
+        f"{max(r['max_weight_ratio'] for r in rows):.2f} (threshold {rule.max_scale_ratio:g} for both)"
     )
     print(summary)
     return {"summary": summary, "false_rejections": total, "clients": clients_seen, "rows": rows}
