@@ -803,3 +803,27 @@ def test_a_fused_model_as_good_as_the_global_one_is_returned_with_both_accuracie
 def test_the_guard_must_be_a_bool(calibration):
     with pytest.raises(TypeError, match="guard must be True or False"):
         FedFuse(make_net, calibration, guard="yes")  # type: ignore[arg-type]
+
+
+class CountingBatches:
+    """A re-iterable of calibration batches that counts how often it is read."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_a_round_screens_fuses_and_guards_on_the_calibration_batches_read_when_the_strategy_was_built(
+    task_identity, calibration, client_states
+):
+    x, y = calibration
+    batches = CountingBatches([(x[i : i + 40], y[i : i + 40]) for i in range(0, len(x), 40)])
+    strategy = FedFuse(make_net, batches)
+    reads = batches.reads
+    sent, arrays, metrics = guarded_round(strategy, client_states)
+    assert arrays is not None and metrics["fusion-clients"] == 2
+    assert "fusion-previous-calibration-accuracy" in metrics
+    assert batches.reads == reads  # not once per screening, fusion and comparison

@@ -26,20 +26,30 @@ class CalibrationSet:
         data: a tensor of inputs ``[N, ...]``; a tuple ``(inputs, labels)`` with labels ``[N]``
             (integer class indices) or ``None``; or a re-iterable of batches, each a tensor or an
             ``(inputs, labels)`` tuple/list (what a DataLoader yields).
-        batch_size: rows per batch when ``data`` is a tensor or a pair; an iterable keeps its batches.
+        batch_size: rows per batch when ``data`` is a tensor or a pair; an iterable keeps its batches, and
+            so does another `CalibrationSet` (shared, not read again: a Flower strategy reads its
+            calibration data once and hands that set to every fusion, screening and comparison).
 
     Raises:
         TypeError: ``data`` is of none of those forms, or is a one-shot iterator.
         ValueError: the set is empty, or labels do not match the inputs.
     """
 
-    def __init__(self, data: Tensor | tuple | Iterable, batch_size: int) -> None:
+    def __init__(self, data: Tensor | tuple | Iterable | CalibrationSet, batch_size: int) -> None:
+        if isinstance(data, CalibrationSet):
+            self._source: Iterable = data._source
+            self.num_samples, self.has_labels, self.label_range = (
+                data.num_samples,
+                data.has_labels,
+                data.label_range,
+            )
+            return
         if isinstance(data, Tensor):
             data = (data, None)
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
             inputs, labels = data
             _check_batch(inputs, labels, where="calibration")
-            self._source: Iterable = [
+            self._source = [
                 (inputs[i : i + batch_size], None if labels is None else labels[i : i + batch_size])
                 for i in range(0, len(inputs), batch_size)
             ]

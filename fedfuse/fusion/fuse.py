@@ -53,7 +53,7 @@ class FusionResult:
 
 def fuse(
     models: Sequence[nn.Module],
-    calibration: Tensor | tuple | Iterable,
+    calibration: Tensor | tuple | Iterable | CalibrationSet,
     config: FusionConfig | None = None,
     weights: object = None,
     levels: Sequence[LevelSpec | str] | None = None,
@@ -72,8 +72,9 @@ def fuse(
             They are never modified; K = 1 returns a copy (or, with a width multiplier below 1, a
             narrower model fitted to the one).
         calibration: server-side inputs: a tensor ``[N, ...]``, an ``(inputs, labels)`` pair, or a
-            re-iterable of such batches (a DataLoader). Labels (class indices) are the attribution
-            targets; without them each parent's own prediction is.
+            re-iterable of such batches (a DataLoader, read once), or a `CalibrationSet` already read.
+            Labels (class indices) are the attribution targets; without them each parent's own
+            prediction is.
         config: how to fuse; `FusionConfig()` (the linear variant) by default.
         weights: ``None``, per-parent weights ``[K]`` (e.g. the clients' example counts), or
             per-parent, per-class weights ``[K, C]`` (e.g. the clients' label counts), which weight the

@@ -207,6 +207,9 @@ class FedFuse(FedAvg):
                 f"global model's architecture, got {self.fusion_config.width_multiplier!r}"
             )
         self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
+        # Read once (a DataLoader is read when the set is built): every round's screening, fusions and
+        # guard share these batches.
+        self._calibration_set = CalibrationSet(calibration, self.fusion_config.batch_size)
         # The global model sent out by the last configure_train: replies must match its keys, shapes
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None
@@ -358,12 +361,11 @@ class FedFuse(FedAvg):
     def _worse_than_before(self, fused: nn.Module, metrics: MetricRecord) -> bool:
         """Whether the round must keep the previous global model because ``fused`` is significantly worse
         on the labelled calibration set (`fedfuse.strategy.guard`); the comparison goes in ``metrics``."""
-        calibration = CalibrationSet(self.calibration, self.fusion_config.batch_size)
-        if not self.guard or self._global is None or not calibration.has_labels:
+        if not self.guard or self._global is None or not self._calibration_set.has_labels:
             return False
         previous = self.model_fn()
         previous.load_state_dict(self._global.to_torch_state_dict())
-        comparison = compare(previous, fused, calibration)
+        comparison = compare(previous, fused, self._calibration_set)
         metrics["fusion-calibration-accuracy"] = comparison.new_accuracy
         metrics["fusion-previous-calibration-accuracy"] = comparison.previous_accuracy
         if not comparison.worse:
@@ -435,9 +437,8 @@ class FedFuse(FedAvg):
         """Measure every client's model on the calibration set and apply the screening rule; name each
         client left out, with its figures."""
         rule = self.screening if self.screening is not None else ScreeningRule()
-        calibration = CalibrationSet(self.calibration, self.fusion_config.batch_size)
         figures = measure(
-            parents, [reply.node_id for reply in valid], calibration, self.plan.output_width, rule
+            parents, [reply.node_id for reply in valid], self._calibration_set, self.plan.output_width, rule
         )
         screening = screen(figures, rule)
         for k in screening.left_out:
@@ -556,7 +557,7 @@ class FedFuse(FedAvg):
             config = continuing(config)
 
         def fusion() -> FusionResult:
-            return fuse(parents, self.calibration, config=config, weights=weights, levels=self.levels)
+            return fuse(parents, self._calibration_set, config=config, weights=weights, levels=self.levels)
 
         if self.fusion_timeout is None:
             return fusion()
