@@ -23,6 +23,7 @@ from tests.user_models import (
     CalledTwice,
     DataDependent,
     MaxOfBranches,
+    MnistExampleNet,
     QuickstartNet,
     Reordered,
     SmallResNet,
@@ -50,6 +51,21 @@ def test_fusing_permuted_copies_of_flowers_quickstart_net_recovers_its_function(
     assert [level.name for level in result.report.levels] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     assert result.report.levels[2].fan_in == 16 * 5 * 5 + 1  # fc1 reads the flattened conv2 channels
     inputs = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert_same_function(result.model, model, inputs, tolerance=1e-4)
+
+
+def test_a_layer_wider_than_the_calibration_set_is_fitted_in_the_span_of_its_rows() -> None:
+    """PyTorch's MNIST example on 200 images: ``fc1`` reads 9,216 inputs. Its fit is solved in the span of
+    the 200 rows (a 200 × 200 system; the 9,216 × 9,216 normal equations took 20 s and 2 GB), and the
+    permuted copy still fuses back into the function, off the calibration set too."""
+    torch.manual_seed(0)
+    model = MnistExampleNet().eval()
+    calibration = torch.randn(200, 1, 28, 28)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    fc1 = result.report.levels[2]
+    assert (fc1.name, fc1.fan_in, fc1.rows, fc1.rank) == ("fc1", 9217, 200, 200)
+    assert fc1.seconds["solve"] < 5.0
+    inputs = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert_same_function(result.model, model, inputs, tolerance=1e-4)
 
 

@@ -29,6 +29,31 @@ class QuickstartNet(nn.Module):
         return self.fc3(x)
 
 
+class MnistExampleNet(nn.Module):
+    """PyTorch's own MNIST example (``pytorch/examples``, ``mnist/main.py``), as written there: ``fc1``
+    reads 9,216 inputs, more than a calibration set has samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

@@ -55,7 +55,12 @@ def solve_level(
     prior's (a penalty scaled per input, as for standardised inputs, lets such rare inputs take huge
     weights, which made fused models far sharper than their parents). With ``ridge == 0`` the least-squares
     solution nearest the prior is taken (with no prior, the paper's pseudo-inverse).
+
+    While ``stats`` keeps its rows (no more than inputs, `LevelStatistics.kept_rows`) the same problem is
+    solved in their span (`_solve_in_row_span`): O(rows² · d) instead of O(d³).
     """
+    if stats.kept_rows is not None:
+        return _solve_in_row_span(stats, ridge, with_bias, prior)
     xtx, xtt = stats.with_bias() if with_bias else (stats.xtx, stats.xtt)
     fan_in = stats.xtx.shape[0]
     penalty = ridge * stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
@@ -95,6 +100,60 @@ def solve_level(
     return LevelFit(weight, bias, r2, output_mean, output_var, rank, live, xtx.shape[0])
 
 
+def _solve_in_row_span(
+    stats: LevelStatistics, ridge: float, with_bias: bool, prior: Tensor | None
+) -> LevelFit:
+    """`solve_level` from the rows themselves, X ``[N, d]`` with N ≤ d: the solution differs from the
+    prior W₀ only within the span of the (centred) rows, W = W₀ + Xcᵀ·A with
+    (Xc·Xcᵀ + λI)·A = Tc − Xc·W₀, an N × N system (the push-through identity; with λ = 0, the
+    pseudo-inverse's A). The bias, unpenalised, is what centring removed: b = T̄ − X̄·W. λ is `solve_level`'s,
+    so both give the same fit up to round-off; a wide Linear level on a few hundred calibration rows
+    (9,216 inputs, 200 rows) solves in milliseconds instead of tens of seconds and keeps no d × d matrix."""
+    kept = stats.kept_rows
+    assert kept is not None
+    x, t = kept
+    fan_in, groups = x.shape[1], t.shape[1]
+    x_mean = x.mean(0) if with_bias else x.new_zeros(fan_in)
+    t_mean = t.mean(0) if with_bias else t.new_zeros(groups)
+    centred = x - x_mean
+    base = prior[:fan_in] if prior is not None else x.new_zeros(fan_in, groups)
+    remainder = (t - t_mean) - centred @ base
+    gram = centred @ centred.T
+    penalty = ridge * (x.square().sum() / fan_in).clamp_min(torch.finfo(torch.float64).tiny)
+    coefficients: Tensor | None = None
+    if ridge > 0:
+        regularised = gram.clone()
+        regularised.diagonal().add_(penalty)
+        factor, info = torch.linalg.cholesky_ex(regularised)
+        if info == 0:
+            coefficients = torch.cholesky_solve(remainder, factor)
+    if coefficients is None:
+        coefficients = _min_norm(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), remainder)
+    weight = base + centred.T @ coefficients
+    bias = t_mean - x_mean @ weight
+
+    outputs = x @ weight + bias
+    spread = (t - t.mean(0)).square().sum()
+    residual = (outputs - t).square().sum()
+    r2 = float(1 - residual / spread) if spread > 0 else float(residual <= 1e-12 * t.square().sum())
+    rank, live = _rank_of_rows(torch.cat([x, x.new_ones(len(x), 1)], dim=1) if with_bias else x)
+    return LevelFit(
+        weight, bias, r2, outputs.mean(0), outputs.var(0, unbiased=False), rank, live, fan_in + with_bias
+    )
+
+
+def _rank_of_rows(x: Tensor) -> tuple[int, int]:
+    """`numerical_rank` of XᵀX from X ``[N, d]`` itself: the columns scaled to unit norm as there, and the
+    rank read off the N × N matrix X·Xᵀ, which has the same non-zero eigenvalues."""
+    norms = x.square().sum(0)
+    alive = norms > norms.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
+    live = int(alive.sum())
+    if not live:
+        return 0, 0
+    scaled = x[:, alive] * norms[alive].rsqrt()
+    return _pivoted_rank(scaled @ scaled.T, RANK_TOLERANCE * x.shape[1]), live
+
+
 def numerical_rank(gram: Tensor) -> tuple[int, int]:
     """The numerical rank of a Gram matrix XᵀX (how many directions the rows of X span), and how many
     columns of X are not zero throughout.
@@ -104,8 +163,6 @@ def numerical_rank(gram: Tensor) -> tuple[int, int]:
     O(d²·rank), several times cheaper than counting eigenvalues, and the same count wherever the
     spectrum has a clear gap, as it has when the rows are fewer than the inputs or an input is constant.
     """
-    from scipy.linalg import lapack  # imported on first use: `import fedfuse` stays light
-
     diagonal = gram.diagonal()
     alive = diagonal > diagonal.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
     inverse_root = torch.where(alive, diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
@@ -113,10 +170,17 @@ def numerical_rank(gram: Tensor) -> tuple[int, int]:
     live = int(alive.sum())
     if not live:
         return 0, 0
-    *_, rank, info = lapack.dpstrf(normalised.cpu().numpy(), lower=1, tol=RANK_TOLERANCE * gram.shape[0])
+    return _pivoted_rank(normalised, RANK_TOLERANCE * gram.shape[0]), live
+
+
+def _pivoted_rank(matrix: Tensor, tolerance: float) -> int:
+    """How many pivots of a Cholesky factorisation with complete pivoting exceed ``tolerance``."""
+    from scipy.linalg import lapack  # imported on first use: `import fedfuse` stays light
+
+    *_, rank, info = lapack.dpstrf(matrix.cpu().numpy(), lower=1, tol=tolerance)
     if info < 0:
         raise RuntimeError(f"LAPACK dpstrf rejected argument {-info}")
-    return int(rank), live
+    return int(rank)
 
 
 def _min_norm(matrix: Tensor, rhs: Tensor) -> Tensor:

@@ -6,6 +6,10 @@ values Z, minus the fused model's other terms of the residual sum the level comp
 own target), the fit needs XᵀX and XᵀT, and its R² the sums and squares of T. All are sums over rows,
 accumulated batch by batch in float64: memory is O(d² + d·g), whatever the calibration set's size and
 however many parents there are (the targets are mixed per batch, the grouping being decided first).
+
+While there are no more rows than inputs (a wide Linear level on a few hundred calibration samples:
+``fc1`` of PyTorch's MNIST example reads 9,216 inputs), the rows themselves are the smaller record:
+they are kept as they come, O(rows · (d + g)), and the fit is solved in their span (`rows`).
 """
 
 from __future__ import annotations
@@ -53,9 +57,10 @@ def rows_of(values: Tensor, axis: int) -> Tensor:
 class LevelStatistics:
     """Sums over calibration rows of one level, for fused inputs of width d and g fused neurons.
 
-    Each batch's rows R = [X | T] (``[rows, d + g]``, float64) are written into a buffer kept from batch to
-    batch, and one product RᵀR gives XᵀX, XᵀT and the ΣT² on its diagonal; on the CPU only its upper
-    triangle is accumulated, by BLAS's symmetric rank-k update (``dsyrk``, through SciPy): half the
+    Each batch's rows R = [X | T] (``[rows, d + g]``, float64) are kept as they are while there are at
+    most d of them (`rows`). Past that they are summed: written into a buffer kept from batch to batch,
+    and one product RᵀR gives XᵀX, XᵀT and the ΣT² on its diagonal; on the CPU only its upper triangle
+    is accumulated, by BLAS's symmetric rank-k update (``dsyrk``, through SciPy): half the
     multiplications of a full product. (A fresh float64 copy of a wide convolution's patches per batch
     costs more than its conversion: the memory is mapped anew each time.)
 
@@ -78,19 +83,35 @@ class LevelStatistics:
         self._sums = torch.zeros(width, dtype=torch.float64, device=device)
         self._buffer = torch.zeros(0, width, dtype=torch.float64, device=device)
         self._symmetric: Tensor | None = None
+        self._kept: list[Tensor] | None = []  # the rows themselves, while there are at most d
 
     def add(self, x: Tensor, t: Tensor) -> None:
         """Add a batch: ``x`` ``[..., d]`` fused inputs (leading dimensions: rows, as `layer_inputs` gives
         them) and ``t`` ``[rows, g]`` their targets."""
         rows = t.shape[0]
+        self._symmetric = None
+        if self._kept is not None and self.rows + rows <= self._d:
+            batch = torch.empty(rows, self._d + t.shape[1], dtype=torch.float64, device=t.device)
+            self._write(batch, x, t)
+            self._kept.append(batch)
+            return
+        if self._kept is not None:  # more rows than inputs: the sums are the smaller record from now on
+            kept, self._kept = self._kept, None
+            for batch in kept:
+                self._accumulate(batch)
         if self._buffer.shape[0] < rows:
             self._buffer = self._buffer.new_empty(rows, self._buffer.shape[1])
         batch = self._buffer[:rows]
+        self._write(batch, x, t)
+        self._accumulate(batch)
+
+    def _write(self, batch: Tensor, x: Tensor, t: Tensor) -> None:
         batch[:, : self._d].unflatten(0, x.shape[:-1]).copy_(x)
         batch[:, self._d :].copy_(t)
-        self.rows += rows
-        self._symmetric = None
+        self.rows += t.shape[0]
         self._sums += batch.sum(0)
+
+    def _accumulate(self, batch: Tensor) -> None:
         if self._upper is not None:
             from scipy.linalg import blas  # imported on first use: `import fedfuse` stays light
 
@@ -100,8 +121,23 @@ class LevelStatistics:
             self._product.addmm_(batch.T, batch)
 
     @property
+    def kept_rows(self) -> tuple[Tensor, Tensor] | None:
+        """``(X, T)``, ``[rows, d]`` and ``[rows, g]``, while there are at most d rows (then the fit is
+        solved in their span); None once they were summed."""
+        if self._kept is None:
+            return None
+        rows = torch.cat(self._kept) if self._kept else self._buffer[:0]
+        return rows[:, : self._d], rows[:, self._d :]
+
+    @property
     def _full(self) -> Tensor:
-        """RᵀR in full, made from the upper triangle once after the last batch."""
+        """RᵀR in full, made from the upper triangle once after the last batch (or from the kept rows)."""
+        if self._kept is not None:
+            if self._symmetric is None:
+                x, t = self.kept_rows  # type: ignore[misc]
+                rows = torch.cat([x, t], dim=1)
+                self._symmetric = rows.T @ rows
+            return self._symmetric
         if self._upper is None:
             return self._product
         if self._symmetric is None:
