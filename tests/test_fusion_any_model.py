@@ -20,16 +20,20 @@ from fedfuse.fusion.tracing import runnable, shared_code, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
+    BatchSizeBranch,
     CalledTwice,
     DataDependent,
     MaxOfBranches,
     MnistExampleNet,
     QuickstartNet,
     Reordered,
+    ShapeBranches,
     SmallResNet,
     TextCNN,
     TiedNet,
     Transposed,
+    TutorialNet,
+    ValueBranch,
 )
 
 EXACT = FusionConfig(ridge=0.0)
@@ -67,6 +71,43 @@ def test_a_layer_wider_than_the_calibration_set_is_fitted_in_the_span_of_its_row
     assert fc1.seconds["solve"] < 5.0
     inputs = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert_same_function(result.model, model, inputs, tolerance=1e-4)
+
+
+def test_a_forward_that_loops_over_its_inputs_shape_is_traced_and_fused() -> None:
+    """PyTorch's tutorial ``Net`` counts its flattened features in a Python loop over ``x.size()[1:]``,
+    which plain symbolic tracing cannot follow; traced with the shapes of the calibration inputs, its
+    permuted copy fuses back into its function, on batches of any size."""
+    torch.manual_seed(0)
+    model = TutorialNet().eval()
+    calibration = torch.randn(600, 1, 32, 32)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert [level.name for level in result.report.levels] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    for batch in (1, 37):
+        inputs = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(batch))
+        assert_same_function(result.model, model, inputs, tolerance=1e-4)
+
+
+def test_a_branch_on_the_number_of_input_axes_is_taken_as_the_calibration_inputs_take_it() -> None:
+    torch.manual_seed(0)
+    model = ShapeBranches().eval()
+    calibration = torch.randn(300, 1, 8, 8)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(20, 1, 8, 8), tolerance=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (BatchSizeBranch, "computes something else than the model on a batch of 1"),
+        (ValueBranch, "symbolically traced variables cannot be used as inputs to control flow"),
+    ],
+    ids=["batch-size", "tensor-value"],
+)
+def test_control_flow_on_the_batch_size_or_on_values_is_refused_not_fused_for_one_batch(
+    model: type[nn.Module], reason: str
+) -> None:
+    with pytest.raises(UntraceableModelError, match=reason):
+        fuse([model(), model()], torch.randn(64, 8))
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

@@ -54,6 +54,76 @@ class MnistExampleNet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class TutorialNet(nn.Module):
+    """The ``Net`` of PyTorch's "Deep Learning with PyTorch: A 60 Minute Blitz", as written there: the
+    flattened size counted by a Python loop over ``x.size()[1:]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+    def num_flat_features(self, x: torch.Tensor) -> int:
+        size = x.size()[1:]  # all dimensions except the batch dimension
+        num_features = 1
+        for s in size:
+            num_features *= s
+        return num_features
+
+
+class ShapeBranches(nn.Module):
+    """A forward that adapts to its input's shape: images with or without their channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 24)
+        self.fc2 = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.squeeze(1)
+        if x.shape[-1] != 64:
+            x = x.flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class BatchSizeBranch(nn.Module):
+    """A forward that computes something else for a single sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) > 1:
+            x = x - x.mean(0)
+        return self.fc(x)
+
+
+class ValueBranch(nn.Module):
+    """A forward whose control flow depends on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean().item() > 0:
+            x = x.relu()
+        return self.fc(x)
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

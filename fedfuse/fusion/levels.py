@@ -257,7 +257,7 @@ def plan_levels(
     declared = declared_levels(model, levels)
     if declared is not None:
         return _declared_plan(model, example, declared)
-    graph_module = trace(model)
+    graph_module = trace(model, example=example)
     input_node(graph_module.graph)
     output_node(graph_module.graph)
     return _TracedPlanner(model, graph_module, propagate(graph_module, example)).plan()

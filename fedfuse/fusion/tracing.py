@@ -3,7 +3,8 @@
 Fusion reads values inside a model (a layer's input, a BatchNorm's output, the sum at a residual
 connection) and runs pieces of it (one level, from its input to its output). Symbolic tracing records
 what ``forward`` actually runs, whatever the model's class: a custom ``nn.Module`` with functional
-activations, an ``nn.Sequential`` subclass with its own ``forward``, a module called twice. Linear,
+activations, an ``nn.Sequential`` subclass with its own ``forward``, a module called twice, and (traced
+with the shapes of an example input) Python loops and branches on the input's shape. Linear,
 convolution and BatchNorm modules stay whole (leaves), as do the modules a caller names.
 
 A sub-graph (`subgraph`) shares its modules and parameters with the model it was cut from: running it
@@ -12,11 +13,13 @@ on a fused model computes with the fused model's current weights, and training i
 
 from __future__ import annotations
 
+import copy
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 
 #: Modules kept whole when tracing: fusion fits them, or reads what they compute.
 LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -39,10 +42,132 @@ class _Tracer(fx.Tracer):
         )
 
 
-def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+class _ShapeTracer(_Tracer):
+    """A tracer that also computes every value on an example input, so that Python control flow on the
+    tensors' *shapes* can be followed: ``for s in x.size()[1:]`` (PyTorch's tutorial ``num_flat_features``)
+    iterates over one proxy per axis, and ``if x.dim() == 3`` takes the branch the example takes. Only
+    values computed from shapes (``size``, ``dim``, ``numel``, ``shape``, ``ndim``) and constants are
+    used so; control flow on tensor values (``if x.sum() > 0``, ``.item()``) is refused as by plain
+    tracing. A branch on the batch size would be taken for the example's; `trace` checks the graph
+    against the model on two batch sizes.
+
+    Like ``torch.fx.experimental.meta_tracer.MetaTracer`` (which attaches meta tensors to proxies and makes
+    ``size()`` a constant), but with real values and shape queries kept in the graph: a constant batch
+    size would break every later run on other batches."""
+
+    SHAPE_METHODS = frozenset({"size", "dim", "numel"})
+    SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})
+
+    def __init__(self, leaves: Iterable[str], example: Any) -> None:
+        super().__init__(leaves)
+        self.example = example
+        self.values: dict[fx.Node, tuple[Any, bool]] = {}  # node -> (value, computed from shapes only)
+        self._computing = False  # while a value is computed, modules and attributes are not recorded
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        if self._computing:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        nodes: list[fx.Node] = []
+        fx.node.map_aggregate((args, kwargs), lambda arg: _collect(arg, nodes))
+        known = all(node in self.values for node in nodes)
+        value = self._value(kind, target, args, kwargs) if known else _UNKNOWN
+        from_shapes = (
+            (kind == "call_method" and target in self.SHAPE_METHODS)
+            or (kind == "call_function" and target is getattr and args[1] in self.SHAPE_ATTRIBUTES)
+            or (
+                kind == "call_function"
+                and bool(nodes)
+                and all(self.values[node][1] for node in nodes)
+                and not isinstance(value, Tensor)
+            )
+        )
+        self.values[proxy.node] = (value, from_shapes and value is not _UNKNOWN)
+        return proxy
+
+    def _value(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        def real(value: Any) -> Any:
+            return self.values[value.node][0] if isinstance(value, fx.Proxy) else value
+
+        args, kwargs = fx.node.map_aggregate((args, kwargs), real)
+        self._computing = True
+        try:
+            with torch.no_grad():
+                if kind == "placeholder":
+                    return self.example
+                if kind == "get_attr":
+                    return _attribute(self.root, str(target)).detach().clone()
+                if kind == "call_module":
+                    return self.root.get_submodule(str(target))(*args, **kwargs)
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+        except Exception:  # a value that cannot be computed here only leaves its shape unknown
+            return _UNKNOWN
+        finally:
+            self._computing = False
+        return _UNKNOWN
+
+    def _shape_value(self, obj: fx.Proxy) -> Any:
+        value, from_shapes = self.values.get(obj.node, (_UNKNOWN, False))
+        return value if from_shapes else _UNKNOWN
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._shape_value(obj)
+        return value if isinstance(value, bool) else super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        value = self._shape_value(obj)
+        if isinstance(value, tuple):
+            return iter([obj[index] for index in range(len(value))])
+        return super().iter(obj)
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "unknown"
+
+
+_UNKNOWN = _Unknown()
+
+
+def _collect(value: Any, nodes: list[fx.Node]) -> None:
+    if isinstance(value, fx.Proxy):
+        nodes.append(value.node)
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    for atom in target.split("."):
+        root = getattr(root, atom)
+    return root
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = (), example: Tensor | None = None) -> fx.GraphModule:
     """``model``'s forward as a graph, with Linear/Conv/BatchNorm and the modules named in ``leaves`` as
     single calls. The model is traced as it is (trace eval-mode copies: ``self.training`` is read as a
     constant).
+
+    A forward with Python control flow on the input's shape (a loop over ``x.size()``, ``if x.dim() ==
+    3``) is traced again with the values computed on ``example`` (`_ShapeTracer`), and the graph is kept
+    only if it computes what the model computes on the example and on a batch of another size.
 
     Raises:
         UntraceableModelError: the forward cannot be traced; the message says why and how to declare
@@ -51,16 +176,63 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     try:
         graph = _Tracer(leaves).trace(model)
     except Exception as error:  # fx raises TraceError, RuntimeError, TypeError... on what it cannot record
-        raise UntraceableModelError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: {error}). "
-            "Tracing fails on Python control flow that depends on the data (if/for over tensor values) "
-            "and on len(tensor) (use tensor.shape[0]). Declare the model's levels instead: give it a "
-            "method fusion_levels() returning, in forward order, the names of the modules whose outputs "
-            "are level boundaries (LevelSpec(name, stream=...) for a block that adds into a residual "
-            "stream), or pass fuse(..., levels=[...]); see fedfuse.fusion.declared"
-        ) from error
+        graph = _trace_with_shapes(model, leaves, example, error)
     copy_before_in_place(graph, model)
     return fx.GraphModule(model, graph)
+
+
+def _trace_with_shapes(
+    model: nn.Module, leaves: Iterable[str], example: Tensor | None, error: Exception
+) -> fx.Graph:
+    reason = f"{type(error).__name__}: {error}"
+    if example is not None:
+        try:
+            graph = _ShapeTracer(leaves, example).trace(model)
+        except Exception as again:
+            reason = f"{type(again).__name__}: {again}"
+        else:
+            mismatch = _differs_from_model(model, graph, example)
+            if mismatch is None:
+                return graph
+            reason = mismatch
+    raise UntraceableModelError(
+        f"{type(model).__name__} cannot be traced by torch.fx ({reason}). "
+        "Tracing fails on Python control flow that depends on the data (if/for over tensor values) "
+        "and on len(tensor) (use tensor.shape[0]). Declare the model's levels instead: give it a "
+        "method fusion_levels() returning, in forward order, the names of the modules whose outputs "
+        "are level boundaries (LevelSpec(name, stream=...) for a block that adds into a residual "
+        "stream), or pass fuse(..., levels=[...]); see fedfuse.fusion.declared"
+    ) from error
+
+
+def _differs_from_model(model: nn.Module, graph: fx.Graph, example: Tensor) -> str | None:
+    """Why the graph traced with shapes does not compute the model's function, or None: compared on the
+    example and on a batch of another size (a branch on the batch size would be taken for the
+    example's)."""
+    traced = fx.GraphModule(model, copy.deepcopy(graph))
+    copy_before_in_place(traced.graph, model)
+    traced.recompile()
+    other = example[:1] if len(example) > 1 else torch.cat([example, example])
+    for inputs in (example, other):
+        with torch.no_grad():
+            try:
+                same = _same(traced(inputs), model(inputs))
+            except Exception as error:
+                return f"the graph traced with shapes fails on a batch of {len(inputs)}: {error}"
+        if not same:
+            return (
+                f"the graph traced with shapes computes something else than the model on a batch of "
+                f"{len(inputs)} (a branch on the batch size?)"
+            )
+    return None
+
+
+def _same(first: Any, second: Any) -> bool:
+    if isinstance(first, Tensor) and isinstance(second, Tensor):
+        return first.shape == second.shape and torch.allclose(first, second, rtol=1e-4, atol=1e-5)
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)):
+        return len(first) == len(second) and all(_same(a, b) for a, b in zip(first, second))
+    return type(first) is type(second)
 
 
 #: Functions that change their first argument: ``+=`` and its kin, item assignment.
