@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedfuse.fusion.fitting import solve_level
-from fedfuse.fusion.statistics import LevelStatistics
+from fedfuse.fusion.fitting import solve_channels, solve_level
+from fedfuse.fusion.statistics import ChannelStatistics, LevelStatistics
 
 
 def _problem(rows: int, inputs: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,3 +86,34 @@ def test_with_fewer_rows_than_inputs_and_no_ridge_the_fit_is_exact_and_the_neare
     in_span = centred.T @ torch.linalg.lstsq(centred.T, change).solution
     torch.testing.assert_close(change, in_span)
     assert fit.rank == 20 and fit.live == 51
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.01, 10.0])
+def test_a_depthwise_layer_solves_each_channels_normal_equations_on_its_own_channel(ridge: float) -> None:
+    """Channel c's filter is fitted to channel c's target from channel c's patches alone, pulled toward its
+    own prior with λ scaled to that channel's inputs (5 channels of 9 taps, the last channel's inputs
+    100 times larger)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, 9, generator=generator, dtype=torch.float64)
+    x[:, -1] *= 100
+    t = torch.einsum("rck,ck->rc", x, torch.randn(5, 9, generator=generator, dtype=torch.float64))
+    t += torch.randn(200, 5, generator=generator, dtype=torch.float64)
+    prior = torch.randn(10, 5, generator=generator, dtype=torch.float64)
+    stats = ChannelStatistics(5, 9, torch.device("cpu"))
+    stats.add(x[:120], t[:120])
+    stats.add(x[120:], t[120:])
+
+    fit = solve_channels(stats, ridge, with_bias=True, prior=prior)
+
+    for channel in range(5):
+        expected = _normal_equations(
+            x[:, channel], t[:, channel : channel + 1], prior[:, channel : channel + 1], ridge, True
+        )
+        torch.testing.assert_close(fit.weight[:, channel : channel + 1], expected)
+    outputs = torch.einsum("rck,kc->rc", x, fit.weight) + fit.bias
+    torch.testing.assert_close(fit.bias, (t - torch.einsum("rck,kc->rc", x, fit.weight)).mean(0))
+    torch.testing.assert_close(fit.output_mean, outputs.mean(0))
+    torch.testing.assert_close(fit.output_var, outputs.var(0, unbiased=False))
+    explained = 1 - (outputs - t).square().sum() / (t - t.mean(0)).square().sum()
+    assert fit.r2 == pytest.approx(float(explained), abs=1e-9)
+    assert (fit.rank, fit.live, fit.fan_in) == (50, 50, 10)

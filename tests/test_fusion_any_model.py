@@ -31,6 +31,7 @@ from tests.user_models import (
     SmallResNet,
     TextCNN,
     TiedNet,
+    TinyMobileNet,
     Transposed,
     TutorialNet,
     ValueBranch,
@@ -108,6 +109,46 @@ def test_control_flow_on_the_batch_size_or_on_values_is_refused_not_fused_for_on
 ) -> None:
     with pytest.raises(UntraceableModelError, match=reason):
         fuse([model(), model()], torch.randn(64, 8))
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_a_mobilenet_with_depthwise_convolutions_fuses_back_into_its_function(variant: str) -> None:
+    """Each depthwise convolution is a level of its own, in its input's stream (its channel c reads
+    channel c alone, so both sides share one grouping), fitted channel by channel."""
+    torch.manual_seed(0)
+    model = TinyMobileNet().eval()
+    calibration = torch.randn(800, 1, 16, 16)
+    result = fuse(
+        [model, permuted_copy(model, seed=1, example=calibration)],
+        calibration,
+        FusionConfig(ridge=0.0, variant=variant, epochs=2),
+    )
+    levels = {level.name: level for level in result.report.levels}
+    assert levels["blocks.1.depthwise.0"].kind == "depthwise2d"
+    assert levels["blocks.1.depthwise.0"].fan_in == 3 * 3 + 1  # one channel's taps, and the folded bias
+    assert levels["blocks.1.depthwise.0"].space == levels["blocks.1.expand.0"].space
+    inputs = torch.randn(50, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert_same_function(result.model, model, inputs, tolerance=1e-4)
+
+
+def test_a_depthwise_convolution_on_the_models_input_keeps_its_channels_by_index() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    plan = describe_levels(model, torch.randn(8, 3, 8, 8))
+    assert plan.spaces[plan.levels[0].space].fixed
+    assert "depthwise convolution '0' reads the model's input channels" in str(plan)
+
+
+def test_a_grouped_convolution_that_is_not_depthwise_is_refused_by_name() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    with pytest.raises(ValueError, match=r"convolution '1' has groups=2; only groups=1 and depthwise"):
+        fuse([model, copy.deepcopy(model)], torch.randn(32, 1, 8, 8))
+
+
+def test_a_model_with_depthwise_convolutions_keeps_its_width() -> None:
+    with pytest.raises(ValueError, match="TinyMobileNet has blocks or depthwise convolutions"):
+        fuse([TinyMobileNet(), TinyMobileNet()], torch.randn(64, 1, 16, 16), FusionConfig(width_multiplier=2))
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

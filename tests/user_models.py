@@ -124,6 +124,47 @@ class ValueBranch(nn.Module):
         return self.fc(x)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: a 1x1 expansion, a depthwise 3x3 convolution, a linear 1x1 projection, each
+    with BatchNorm, and the input added back when the shapes allow."""
+
+    def __init__(self, channels: int, expansion: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        hidden = channels * expansion
+        self.expand = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+        )
+        self.residual = stride == 1 and channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class TinyMobileNet(nn.Module):
+    """A MobileNetV2-style network, as people write one for small images on edge clients."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)
+        )
+        self.blocks = nn.Sequential(InvertedResidual(8, 2, 12, 2), InvertedResidual(12, 3, 12, 1))
+        self.classifier = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

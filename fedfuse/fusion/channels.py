@@ -134,7 +134,8 @@ class LayerCall:
 
     Attributes:
         node: the layer's graph node.  module: its qualified module name.
-        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.  width: output channels.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"`` or ``"depthwise2d"``.
+        width: output channels.
         space: the space its output channels make (before streams are joined).
         input: the annotation of the layer's input (for re-indexing weights through a grouping).
         norm_node, norm: the folded BatchNorm's node and module name, if any.
@@ -319,13 +320,17 @@ class _Propagation(fx.Interpreter):
         self, node: fx.Node, name: str, module: nn.Module, source: Annotation, value: Tensor
     ) -> Annotation:
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            if module.groups != 1:
-                return self._opaque(
-                    node, f"convolution '{name}' has groups={module.groups}; only groups=1 is fitted"
-                )
-            kind, axis, width = f"conv{value.dim() - 2}d", 1, module.out_channels
             if isinstance(source, Channels) and source.axis != 1:
                 return self._opaque(node, f"convolution '{name}' takes channels on axis {source.axis}, not 1")
+            if is_depthwise(module):
+                return self._depthwise(node, name, module, source, value)
+            if module.groups != 1:
+                return self._opaque(
+                    node,
+                    f"convolution '{name}' has groups={module.groups}; only groups=1 and depthwise "
+                    "(groups = in_channels = out_channels) are fitted",
+                )
+            kind, axis, width = f"conv{value.dim() - 2}d", 1, module.out_channels
         else:
             kind, axis, width = "linear", value.dim() - 1, module.out_features
             if isinstance(source, Channels) and source.axis != value.dim() - 1:
@@ -335,6 +340,22 @@ class _Propagation(fx.Interpreter):
         space = self.map.new_space(width)
         self.map.layers[node.name] = LayerCall(node.name, name, kind, width, space, source)
         return Channels(space, axis)
+
+    def _depthwise(
+        self, node: fx.Node, name: str, module: nn.Module, source: Annotation, value: Tensor
+    ) -> Annotation:
+        """A depthwise convolution: output channel c reads input channel c alone, so its channels are its
+        input's, in one stream with them (grouped once, like the two sides of a sum)."""
+        if isinstance(source, Channels) and source.positions != 1:
+            return self._opaque(node, f"depthwise convolution '{name}' reads channels spread over positions")
+        space = self.map.new_space(module.out_channels)
+        if isinstance(source, Channels):
+            self.map.join(space, source.space)
+        else:  # the model's input (or constants): its channels keep their index
+            self.map.fix(space, f"depthwise convolution '{name}' reads the model's input channels")
+        kind = f"depthwise{value.dim() - 2}d"
+        self.map.layers[node.name] = LayerCall(node.name, name, kind, module.out_channels, space, source)
+        return Channels(space, 1)
 
     def _batchnorm(self, node: fx.Node, name: str, module: _BatchNorm, source: Annotation) -> Annotation:
         producer = node.all_input_nodes[0]
@@ -556,6 +577,16 @@ def _reshape_channels(
         if span % tail == 0 and after[axis] * tail == width * span and after[axis] > 0:
             return Channels(source.space, axis, span // tail)
     return None
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a depthwise convolution: one filter per channel, each reading its own channel
+    (``groups = in_channels = out_channels``; a channel multiplier above 1 is not one)."""
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
 
 
 def plain_forward(module: nn.Module) -> bool:

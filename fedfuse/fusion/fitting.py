@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedfuse.fusion.statistics import LevelStatistics
+from fedfuse.fusion.statistics import ChannelStatistics, LevelStatistics
 
 #: Relative size below which an eigenvalue of the (normalised) input Gram matrix counts as zero.
 RANK_TOLERANCE = 1e-10
@@ -98,6 +98,65 @@ def solve_level(
     output_var = (output_energy / rows - output_mean**2).clamp_min(0)
     rank, live = numerical_rank(xtx)
     return LevelFit(weight, bias, r2, output_mean, output_var, rank, live, xtx.shape[0])
+
+
+def solve_channels(
+    stats: ChannelStatistics, ridge: float, with_bias: bool, prior: Tensor | None = None
+) -> LevelFit:
+    """`solve_level` for a layer whose neuron c reads its own input channel alone (a depthwise
+    convolution): the same problem, one small system per channel, solved in one batch. λ is ``ridge``
+    times the mean diagonal of that channel's XᵀX (each channel is its own problem, at its own scale).
+
+    Returns a `LevelFit` whose ``weight`` is ``[k, C]`` (column c: channel c's filter, k its taps), its
+    rank and live inputs summed over the channels, and ``fan_in`` one channel's (k, + 1 with a bias).
+    """
+    channels, kernel = stats.xtt.shape
+    size = kernel + int(with_bias)
+    gram = stats.xtx.new_zeros(channels, size, size)
+    gram[:, :kernel, :kernel] = stats.xtx
+    right = stats.xtt.new_zeros(channels, size)
+    right[:, :kernel] = stats.xtt
+    if with_bias:
+        gram[:, :kernel, kernel] = gram[:, kernel, :kernel] = stats.x_sum
+        gram[:, kernel, kernel] = stats.rows
+        right[:, kernel] = stats.t_sum
+    base = prior.T if prior is not None else right.new_zeros(channels, size)  # [C, size]
+    tiny = torch.finfo(torch.float64).tiny
+    penalty = ridge * stats.xtx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(tiny)  # [C]
+    regularised = gram.clone()
+    regularised.diagonal(dim1=1, dim2=2)[:, :kernel] += penalty[:, None]
+    rhs = right.clone()
+    rhs[:, :kernel] += penalty[:, None] * base[:, :kernel]
+    # The solution nearest the prior: W₀ + the minimum-norm solution of what it leaves (with λ > 0 the
+    # system is regular and this is its one solution).
+    remainder = rhs - (regularised @ base[:, :, None]).squeeze(-1)
+    correction = torch.linalg.lstsq(regularised, remainder[:, :, None], driver="gelsd").solution.squeeze(-1)
+    solution = base + correction  # [C, size]
+
+    fitted = (gram @ solution[:, :, None]).squeeze(-1)
+    output_energy = (solution * fitted).sum(1)
+    residual = (stats.t_squares - 2 * (solution * right).sum(1) + output_energy).sum().clamp_min(0)
+    spread = (stats.t_squares - stats.t_sum.square() / stats.rows).sum()
+    r2 = float(1 - residual / spread) if spread > 0 else float(residual <= 1e-12 * stats.t_squares.sum())
+    weight = solution[:, :kernel].T
+    bias = solution[:, kernel] if with_bias else torch.zeros_like(stats.t_sum)
+    output_mean = (stats.x_sum * solution[:, :kernel]).sum(1) / stats.rows + bias
+    output_var = (output_energy / stats.rows - output_mean**2).clamp_min(0)
+    rank, live = _channel_ranks(gram)
+    return LevelFit(weight, bias, r2, output_mean, output_var, rank, live, size)
+
+
+def _channel_ranks(grams: Tensor) -> tuple[int, int]:
+    """`numerical_rank` of each channel's Gram matrix ``[C, k, k]``, summed: eigenvalues of the matrix
+    normalised to a unit diagonal above the same tolerance (the matrices are small)."""
+    diagonal = grams.diagonal(dim1=1, dim2=2)
+    tiny = torch.finfo(torch.float64).tiny
+    alive = diagonal > diagonal.amax(1, keepdim=True).clamp_min(tiny) * RANK_TOLERANCE
+    inverse_root = torch.where(alive, diagonal.clamp_min(tiny).rsqrt(), 0.0)
+    normalised = grams * inverse_root[:, :, None] * inverse_root[:, None, :]
+    eigenvalues = torch.linalg.eigvalsh(normalised)
+    rank = int((eigenvalues > RANK_TOLERANCE * grams.shape[1]).sum())
+    return rank, int(alive.sum())
 
 
 def _solve_in_row_span(

@@ -28,7 +28,7 @@ from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.statistics import layer_inputs, rows_of
+from fedfuse.fusion.statistics import layer_map, rows_of
 from fedfuse.fusion.targets import (
     SpaceGrouping,
     class_targets,
@@ -132,7 +132,7 @@ def _start_from_prior(
     weight = prior[:fan_in]
     bias = prior[fan_in] if with_bias else torch.zeros(prior.shape[1], dtype=torch.float64)
     with torch.no_grad():
-        rows = [layer_inputs(layer, batch).flatten(0, -2).double() @ weight for batch in inputs.split(1024)]
+        rows = [layer_map(layer, level.channelwise, batch, weight) for batch in inputs.split(1024)]
         outputs = torch.cat(rows) + bias
     write_level(layer, norm, weight, bias, outputs.mean(0), outputs.var(0, unbiased=False))
 

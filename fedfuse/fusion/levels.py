@@ -46,7 +46,9 @@ from fedfuse.fusion.declared import LevelSpec, declared_levels
 from fedfuse.fusion.tracing import input_node, output_node, trace
 
 #: The kinds of level the closed-form (linear) variant fits.
-LAYER_KINDS = ("linear", "conv1d", "conv2d")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "depthwise1d", "depthwise2d")
+#: Layers whose neuron c reads input channel c alone: fitted channel by channel, in their input's stream.
+CHANNELWISE_KINDS = ("depthwise1d", "depthwise2d")
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ class Level:
     Attributes:
         name: the level's name in reports: its layer's qualified module name, or for a block its
             modules' common prefix with the first and last of them.
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` (a layer that the closed form fits) or
-            ``"block"`` (fitted by the gradient variant only).
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"`` (a layer
+            that the closed form fits; a depthwise one channel by channel) or ``"block"`` (fitted by the
+            gradient variant only).
         width: its neurons: output features or channels.
         space: the name of the space its neurons live in (the level's own name, or the stream's).
         layer, norm: the Linear/Conv module and the BatchNorm folded into it (layers only).
@@ -95,6 +98,11 @@ class Level:
     def closed_form(self) -> bool:
         """Whether the linear variant can fit it (a Linear or convolution, BatchNorm folded in)."""
         return self.kind in LAYER_KINDS
+
+    @property
+    def channelwise(self) -> bool:
+        """Whether each neuron reads its own input channel alone (a depthwise convolution)."""
+        return self.kind in CHANNELWISE_KINDS
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -167,8 +175,9 @@ class LevelPlan:
     @property
     def resizable(self) -> bool:
         """Whether a fused model of another width can be made (`FusionConfig.width_multiplier`): traced,
-        and every level a layer, so that each space's writers and readers are known."""
-        return self.traced and all(level.closed_form for level in self.levels)
+        and every level a layer with all its inputs in every neuron, so that each space's writers and
+        readers are known."""
+        return self.traced and all(level.closed_form and not level.channelwise for level in self.levels)
 
     def check(self, variant: str, width_multiplier: float = 1.0) -> None:
         """Raise when ``variant`` cannot fit every level, or the width cannot change.
@@ -179,8 +188,12 @@ class LevelPlan:
         """
         if width_multiplier != 1 and not self.resizable:
             raise ValueError(
-                "width_multiplier resizes traced models whose levels are all layers; "
-                + ("declared levels keep their width" if not self.traced else f"{self.model} has blocks")
+                "width_multiplier resizes traced models whose levels are all dense layers; "
+                + (
+                    "declared levels keep their width"
+                    if not self.traced
+                    else f"{self.model} has blocks or depthwise convolutions"
+                )
             )
         if variant != "linear":
             return
@@ -668,7 +681,9 @@ def _declared_plan(model: nn.Module, example: Tensor, declared: list[LevelSpec])
                 axis=axis,
                 target=f"{spec.module}:output",
                 source=None if index == 0 else "?",
-                reason=None if layer else f"a declared {type(module).__name__}, not a Linear/Conv layer",
+                reason=None
+                if layer
+                else f"a declared {type(module).__name__}, not a dense Linear/Conv layer",
             )
         )
     spaces: dict[str, Space] = {}
@@ -689,8 +704,10 @@ def _declared_plan(model: nn.Module, example: Tensor, declared: list[LevelSpec])
 
 
 def _declared_layer(name: str, module: nn.Module) -> tuple[str | None, str | None]:
-    """The layer (and BatchNorm) a declared module is, when the closed form can fit it."""
-    if isinstance(module, LAYERS) and plain_forward(module):
+    """The layer (and BatchNorm) a declared module is, when the closed form can fit it: a dense one (a
+    declared grouped or depthwise convolution is a block: its channels' grouping is its input's, which
+    declared levels do not trace)."""
+    if isinstance(module, LAYERS) and plain_forward(module) and getattr(module, "groups", 1) == 1:
         return name, None
     if (
         isinstance(module, nn.Sequential)
@@ -701,6 +718,7 @@ def _declared_layer(name: str, module: nn.Module) -> tuple[str | None, str | Non
         if (
             isinstance(first, LAYERS)
             and plain_forward(first)
+            and getattr(first, "groups", 1) == 1
             and isinstance(second, (nn.BatchNorm1d, nn.BatchNorm2d))
             and plain_forward(second)
             and second.track_running_stats

@@ -11,11 +11,18 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.context import FusionContext
-from fedfuse.fusion.fitting import solve_level, write_level
+from fedfuse.fusion.fitting import solve_channels, solve_level, write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
-from fedfuse.fusion.statistics import LevelStatistics, layer_fan_in, layer_inputs, rows_of
+from fedfuse.fusion.statistics import (
+    ChannelStatistics,
+    LevelStatistics,
+    channel_inputs,
+    layer_fan_in,
+    layer_inputs,
+    rows_of,
+)
 from fedfuse.fusion.targets import (
     SpaceGrouping,
     class_targets,
@@ -56,7 +63,10 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     with_bias = layer.bias is not None or norm is not None
     parent_maps = [folded_weights(parent, level.layer, level.norm) for parent in context.parents]
     prior = aligned_prior(level, grouping, parent_maps, context, with_bias)
-    fit = solve_level(stats, config.ridge, with_bias, prior)
+    if isinstance(stats, ChannelStatistics):
+        fit = solve_channels(stats, config.ridge, with_bias, prior)
+    else:
+        fit = solve_level(stats, config.ridge, with_bias, prior)
     if fit.rank < fit.live:
         warnings.warn(
             f"level '{level.name}': the {stats.rows} calibration rows span only {fit.rank} of the {fit.live} "
@@ -91,10 +101,16 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
 
 def _statistics(
     level: Level, layer: nn.Module, context: FusionContext, grouping: SpaceGrouping, direct: str | None
-) -> LevelStatistics:
+) -> LevelStatistics | ChannelStatistics:
     """One pass: the fused model's inputs to the level against its targets (the group targets, or the
     classes' own target when ``direct`` names one, `class_targets`; minus the fused residual terms)."""
-    stats = LevelStatistics(layer_fan_in(layer), context.fused_level(level).width, context.device)
+    width = context.fused_level(level).width
+    stats: LevelStatistics | ChannelStatistics = (
+        ChannelStatistics(width, layer_fan_in(layer), context.device)
+        if level.channelwise
+        else LevelStatistics(layer_fan_in(layer), width, context.device)
+    )
+    unfold = channel_inputs if level.channelwise else layer_inputs
     shares = grouping.shares.to(context.device, context.dtype).split(context.plan.spaces[level.space].width)
     places = [level.input, *level.residual]
     parents = len(context.parents)
@@ -120,6 +136,6 @@ def _statistics(
             assert isinstance(target, Tensor)
             if terms:
                 target = target - rows_of(torch.stack(terms).sum(0), level.axis).double()
-            stats.add(layer_inputs(layer, fused_input), target)
+            stats.add(unfold(layer, fused_input), target)
     context.keep(collected, level.target)
     return stats

@@ -65,6 +65,7 @@ def aligned_average(
     inputs: tuple[Sequence[Tensor], Sequence[Tensor]] | None,
     input_groups: int,
     with_bias: bool,
+    channelwise: bool = False,
 ) -> Tensor:
     """The group members' weights, re-indexed to the fused inputs and mixed by the group shares.
 
@@ -77,6 +78,8 @@ def aligned_average(
             factor_c times what h carries, so its weight column moves to h multiplied by factor_c.
         input_groups: the fused level's input channels.
         with_bias: the last column of each weight is a bias (never re-indexed).
+        channelwise: neuron c reads input channel c alone (a depthwise convolution, ``[n, taps (+1)]``):
+            its input went to the fused channel it goes to itself, so its filter is only scaled.
 
     Returns:
         ``[fan_in' (+1), g]``: the prior in the layout of the closed-form solution (one column per
@@ -86,7 +89,9 @@ def aligned_average(
     for k, weight in enumerate(weights):
         bias = weight[:, -1:] if with_bias else weight[:, :0]
         matrix = weight[:, :-1] if with_bias else weight
-        if inputs is not None:
+        if inputs is not None and channelwise:
+            matrix = matrix * inputs[1][k].to(matrix)[:, None]
+        elif inputs is not None:
             groups, factors = inputs[0][k].to(matrix.device), inputs[1][k].to(matrix)
             blocks = matrix.reshape(matrix.shape[0], len(groups), -1) * factors[None, :, None]
             summed = blocks.new_zeros(matrix.shape[0], input_groups, blocks.shape[2])
@@ -116,4 +121,7 @@ def aligned_prior(
     else:
         source = context.groupings[level.source]
         inputs, input_groups = assignments(source, len(context.parents)), context.groups(level.source)
-    return aligned_average(parent_maps, grouping.shares, inputs, input_groups, with_bias).to(context.device)
+    prior = aligned_average(
+        parent_maps, grouping.shares, inputs, input_groups, with_bias, channelwise=level.channelwise
+    )
+    return prior.to(context.device)

@@ -43,6 +43,21 @@ def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
+def channel_inputs(layer: nn.Module, x: Tensor) -> Tensor:
+    """A depthwise convolution's rows: ``[rows, C, prod(kernel)]``, per output position the patch of each
+    channel, which only that channel's filter reads (`layer_inputs`' patches, channel by channel)."""
+    patches = layer_inputs(layer, x).flatten(0, -2)
+    return patches.unflatten(1, (layer.in_channels, -1))
+
+
+def layer_map(layer: nn.Module, channelwise: bool, x: Tensor, weight: Tensor) -> Tensor:
+    """``[rows, g]``: the layer's outputs on ``x`` with the weights ``weight`` (``[fan_in, g]``, the layout
+    of the closed-form solution), the bias left out."""
+    if channelwise:
+        return torch.einsum("rck,kc->rc", channel_inputs(layer, x).to(weight), weight)
+    return layer_inputs(layer, x).flatten(0, -2).to(weight) @ weight
+
+
 def layer_fan_in(layer: nn.Module) -> int:
     """The width of `layer_inputs`' rows: ``in_features``, or ``in_channels · prod(kernel)`` (the layouts of
     the Linear and ungrouped Conv levels the closed form fits)."""
@@ -174,3 +189,33 @@ class LevelStatistics:
         xtx[:d, d] = xtx[d, :d] = self.x_sum
         xtx[d, d] = self.rows
         return xtx, torch.cat([self.xtt, self.t_sum.unsqueeze(0)])
+
+
+class ChannelStatistics:
+    """`LevelStatistics` for a layer whose neuron c reads its own input channel alone (a depthwise
+    convolution): one small least-squares problem per channel, so per channel the sums over rows of
+    its patch's products (``[C, k, k]``, k = prod(kernel)), its patch against its target and the
+    target's sum and squares. Memory O(C · k²), float64.
+
+    Attributes:
+        rows: calibration rows seen (samples × output positions).
+        xtx: ``[C, k, k]``.  xtt, x_sum: ``[C, k]``.  t_sum, t_squares: ``[C]``.
+    """
+
+    def __init__(self, channels: int, kernel: int, device: torch.device) -> None:
+        self.rows = 0
+        self.xtx = torch.zeros(channels, kernel, kernel, dtype=torch.float64, device=device)
+        self.xtt = torch.zeros(channels, kernel, dtype=torch.float64, device=device)
+        self.x_sum = torch.zeros(channels, kernel, dtype=torch.float64, device=device)
+        self.t_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.t_squares = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor, t: Tensor) -> None:
+        """Add a batch: ``x`` ``[rows, C, k]`` (`channel_inputs`) and ``t`` ``[rows, C]`` its targets."""
+        x, t = x.double(), t.double()
+        self.rows += t.shape[0]
+        self.xtx += torch.einsum("rci,rcj->cij", x, x)
+        self.xtt += torch.einsum("rci,rc->ci", x, t)
+        self.x_sum += x.sum(0)
+        self.t_sum += t.sum(0)
+        self.t_squares += t.square().sum(0)
