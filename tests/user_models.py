@@ -83,7 +83,8 @@ class TutorialNet(nn.Module):
 
 
 class ShapeBranches(nn.Module):
-    """A forward that adapts to its input's shape: images with or without their channel axis."""
+    """A forward that adapts to its input's shape: images with or without their channel axis (counted by
+    ``len(x.shape)``), flattened unless already flat."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,7 +92,7 @@ class ShapeBranches(nn.Module):
         self.fc2 = nn.Linear(24, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
+        if len(x.shape) == 4:
             x = x.squeeze(1)
         if x.shape[-1] != 64:
             x = x.flatten(1)

@@ -45,7 +45,8 @@ class _Tracer(fx.Tracer):
 class _ShapeTracer(_Tracer):
     """A tracer that also computes every value on an example input, so that Python control flow on the
     tensors' *shapes* can be followed: ``for s in x.size()[1:]`` (PyTorch's tutorial ``num_flat_features``)
-    iterates over one proxy per axis, and ``if x.dim() == 3`` takes the branch the example takes. Only
+    iterates over one proxy per axis, and ``if x.dim() == 3`` or ``if len(x.shape) == 3`` takes the
+    branch the example takes. Only
     values computed from shapes (``size``, ``dim``, ``numel``, ``shape``, ``ndim``) and constants are
     used so; control flow on tensor values (``if x.sum() > 0``, ``.item()``) is refused as by plain
     tracing. A branch on the batch size would be taken for the example's; `trace` checks the graph
@@ -126,6 +127,9 @@ class _ShapeTracer(_Tracer):
             self._computing = False
         return _UNKNOWN
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
     def _shape_value(self, obj: fx.Proxy) -> Any:
         value, from_shapes = self.values.get(obj.node, (_UNKNOWN, False))
         return value if from_shapes else _UNKNOWN
@@ -139,6 +143,27 @@ class _ShapeTracer(_Tracer):
         if isinstance(value, tuple):
             return iter([obj[index] for index in range(len(value))])
         return super().iter(obj)
+
+
+class _Sized:
+    """``len()`` of a proxy whose value is a shape (``len(x.shape)``); plain tracing refuses every len."""
+
+    tracer: _ShapeTracer
+
+    def __len__(self) -> int:
+        value = self.tracer._shape_value(self)  # type: ignore[arg-type]
+        if isinstance(value, tuple):
+            return len(value)
+        return fx.Proxy.__len__(self)  # type: ignore[arg-type]
+
+
+class _ShapeProxy(_Sized, fx.Proxy):
+    def __getattr__(self, attribute: str) -> fx.proxy.Attribute:
+        return _ShapeAttribute(self, attribute)
+
+
+class _ShapeAttribute(_Sized, fx.proxy.Attribute):
+    pass
 
 
 class _Unknown:
