@@ -37,7 +37,13 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
                     for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
                         if tensor is not None:
                             tensor.copy_(tensor[order])
-            if level.source in orders and not level.channelwise:  # a depthwise filter reads its own channel
+            if level.concatenated:  # each part's channels shuffled in their own place
+                parts, offset = [], 0
+                for part, width in level.concatenated:
+                    parts.append((orders[part] if part in orders else torch.arange(width)) + offset)
+                    offset += width
+                _permute_inputs(layer, torch.cat(parts))
+            elif level.source in orders and not level.channelwise:  # a depthwise filter reads its own channel
                 _permute_inputs(layer, orders[level.source])
         model.eval(), permuted.eval()
         assert torch.allclose(permuted(inputs), model(inputs), atol=1e-5, rtol=1e-4), (

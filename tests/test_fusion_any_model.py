@@ -22,7 +22,9 @@ from tests.test_fusion_recovers_functions import assert_same_function, trained_s
 from tests.user_models import (
     BatchSizeBranch,
     CalledTwice,
+    ConcatenatedOutput,
     DataDependent,
+    InceptionNet,
     MaxOfBranches,
     MnistExampleNet,
     QuickstartNet,
@@ -147,8 +149,37 @@ def test_a_grouped_convolution_that_is_not_depthwise_is_refused_by_name() -> Non
 
 
 def test_a_model_with_depthwise_convolutions_keeps_its_width() -> None:
-    with pytest.raises(ValueError, match="TinyMobileNet has blocks or depthwise convolutions"):
+    with pytest.raises(ValueError, match="TinyMobileNet has blocks, depthwise convolutions or concatenated"):
         fuse([TinyMobileNet(), TinyMobileNet()], torch.randn(64, 1, 16, 16), FusionConfig(width_multiplier=2))
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_channels_concatenated_from_several_layers_keep_each_ones_grouping_and_fuse_back(
+    variant: str,
+) -> None:
+    """Inception's branches, DenseNet's growing input (the model's input among it) and a mean-and-max
+    head: every space in a concatenation keeps its own grouping, and a layer reading it maps its inputs
+    through each part's."""
+    torch.manual_seed(0)
+    model = InceptionNet().eval()
+    calibration = torch.randn(800, 1, 8, 8)
+    plan = describe_levels(model, calibration[:8])
+    dense = next(level for level in plan.levels if level.name == "dense")
+    assert dense.concatenated == ((None, 1), ("stem", 6), ("branch1", 4), ("branch3.0", 5))
+    assert next(level for level in plan.levels if level.name == "head").concatenated == (("dense", 7),) * 2
+    assert "input+stem+branch1+branch3.0" in str(plan)
+    result = fuse(
+        [model, permuted_copy(model, seed=1, example=calibration)],
+        calibration,
+        FusionConfig(ridge=0.0, variant=variant, epochs=2),
+    )
+    inputs = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert_same_function(result.model, model, inputs, tolerance=1e-4)
+
+
+def test_an_output_concatenated_from_several_layers_is_refused() -> None:
+    with pytest.raises(ValueError, match="the model's output concatenates the outputs of several layers"):
+        fuse([ConcatenatedOutput(), ConcatenatedOutput()], torch.randn(32, 8))
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

@@ -20,6 +20,7 @@ from simulations.baselines.regmean import regmean
 from simulations.baselines.weight_matching import weight_matching_merge
 from simulations.training import predict
 from tests.permutation import permuted_copy, permuted_resnet_copy
+from tests.user_models import InceptionNet
 
 X = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -90,6 +91,12 @@ def test_weight_matching_refuses_a_level_it_cannot_permute_by_name() -> None:
     vit = build_model("vit", in_channels=1, image_size=8, num_classes=10, seed=0)
     with pytest.raises(ValueError, match=r"Git Re-Basin weight matching re-indexes .* ViT has level"):
         weight_matching_merge([vit, vit], X[:8], seed=0)
+
+
+def test_weight_matching_refuses_channels_concatenated_from_several_levels() -> None:
+    model = InceptionNet().eval()
+    with pytest.raises(ValueError, match=r"level 'dense' .* concatenates the channels of several levels"):
+        weight_matching_merge([model, model], torch.randn(8, 1, 8, 8), seed=0)
 
 
 def agreement(model: nn.Module, teachers: list[nn.Module]) -> float:

@@ -166,6 +166,41 @@ class TinyMobileNet(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class InceptionNet(nn.Module):
+    """Channels concatenated three ways: branches of different kernels side by side (Inception), a layer
+    reading its block's input, the model's input included, beside the block's output (DenseNet), and a
+    head reading the mean and the maximum of the same channels side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.branch1 = nn.Conv2d(6, 4, 1)
+        self.branch3 = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5))
+        self.dense = nn.Conv2d(1 + 6 + 4 + 5, 7, 3, padding=1)
+        self.head = nn.Linear(2 * 7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = F.relu(self.stem(x))
+        mixed = torch.cat([F.relu(self.branch1(stem)), F.relu(self.branch3(stem))], dim=1)
+        grown = torch.cat((x, stem, mixed), 1)
+        out = F.relu(self.dense(grown))
+        return self.head(torch.cat([out.mean((2, 3)), out.amax((2, 3))], dim=1))
+
+
+class ConcatenatedOutput(nn.Module):
+    """A model whose output is two layers' outputs side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 6)
+        self.first = nn.Linear(6, 2)
+        self.second = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.hidden(x))
+        return torch.cat([self.first(h), self.second(h)], dim=1)
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,23 @@ class Channels:
     positions: int = 1
 
 
+@dataclass(frozen=True)
+class Concatenated:
+    """A tensor whose ``axis`` holds the channels of several spaces one after another (a concatenation
+    along the channels, Inception's branches or DenseNet's features): ``parts`` gives each space (`FIXED`
+    for channels that keep their index, such as the model's input) and its channels, in order;
+    channel-major, ``positions`` entries per channel (after a flatten). Each space keeps its own grouping,
+    and a layer reading the whole maps its inputs through each part's."""
+
+    parts: tuple[tuple[int, int], ...]
+    axis: int
+    positions: int = 1
+
+    @property
+    def width(self) -> int:
+        return sum(width for _, width in self.parts)
+
+
 class _Marker:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,9 +76,11 @@ TIED = _Marker("TIED")
 #: A tensor whose channel layout the rules cannot tell (the output of an opaque operation).
 UNKNOWN = _Marker("UNKNOWN")
 
-#: What the pass knows of a value: `Channels`, `TIED`, `UNKNOWN`, or None (no free channels: it is made
-#: from the input and constants only, or it is not a tensor).
-Annotation = Channels | _Marker | None
+#: What the pass knows of a value: `Channels`, `Concatenated`, `TIED`, `UNKNOWN`, or None (no free
+#: channels: it is made from the input and constants only, or it is not a tensor).
+Annotation = Channels | Concatenated | _Marker | None
+#: The annotations that carry neurons along an axis.
+CARRYING = (Channels, Concatenated)
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -234,7 +253,7 @@ class _Propagation(fx.Interpreter):
         if isinstance(value, Tensor):
             self.map.shapes[node.name] = tuple(value.shape)
         annotation = self._annotate(node, value)
-        if isinstance(annotation, Channels) and not isinstance(value, Tensor):
+        if isinstance(annotation, CARRYING) and not isinstance(value, Tensor):
             annotation = UNKNOWN  # e.g. the chunks of a tensor of neurons, as one tuple
         self.map.annotations[node.name] = annotation
         return value
@@ -264,11 +283,26 @@ class _Propagation(fx.Interpreter):
             return self._attribute(node, value)
         if node.op == "call_module":
             return self._module(node, self.fetch_attr(str(node.target)), value)
-        if not any(isinstance(a, Channels) or a is UNKNOWN for a in inputs):
+        if not any(isinstance(a, CARRYING) or a is UNKNOWN for a in inputs):
             # Made from the input, constants and parameters only: no free channels to follow.
             return TIED if any(a is TIED for a in inputs) else None
         if any(a is UNKNOWN for a in inputs):
             return UNKNOWN
+        if function is torch.cat or function is torch.concat:
+            return self._concatenated(node, value)
+        if any(isinstance(a, Concatenated) for a in inputs) and not (
+            function in PRESERVING_FUNCTIONS
+            or method in PRESERVING_METHODS
+            or function in POOLING_FUNCTIONS
+            or function in RESHAPING_FUNCTIONS
+            or method in RESHAPING_METHODS
+            or function in REDUCING_FUNCTIONS
+            or method in REDUCING_METHODS
+            or function in AXIS_FUNCTIONS
+            or method in AXIS_METHODS
+        ):
+            name = getattr(target, "__name__", str(target))
+            return self._opaque(node, f"{name}() on concatenated channels: fusion has no rule for it")
         if function in PRESERVING_FUNCTIONS or method in PRESERVING_METHODS:
             return self._first(node)
         if function in POOLING_FUNCTIONS:
@@ -283,8 +317,6 @@ class _Propagation(fx.Interpreter):
             return self._joined(node, value)
         if function is operator.getitem:
             return self._indexed(node, value)
-        if function is torch.cat or function is torch.concat:
-            return self._concatenated(node, value)
         if function in AXIS_FUNCTIONS or method in AXIS_METHODS:
             return self._moved(node, value)
         name = getattr(target, "__name__", str(target))
@@ -304,7 +336,7 @@ class _Propagation(fx.Interpreter):
             )
             channelwise = isinstance(module, nn.LayerNorm) and _last_axis(source, value)
             return source if channelwise else UNKNOWN
-        if not isinstance(source, Channels):
+        if not isinstance(source, CARRYING):
             return source if source in (None, TIED) else UNKNOWN
         if isinstance(module, PRESERVING_MODULES):
             return source
@@ -320,8 +352,10 @@ class _Propagation(fx.Interpreter):
         self, node: fx.Node, name: str, module: nn.Module, source: Annotation, value: Tensor
     ) -> Annotation:
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            if isinstance(source, Channels) and source.axis != 1:
+            if isinstance(source, CARRYING) and source.axis != 1:
                 return self._opaque(node, f"convolution '{name}' takes channels on axis {source.axis}, not 1")
+            if isinstance(source, Concatenated) and (is_depthwise(module) or source.positions != 1):
+                return self._opaque(node, f"convolution '{name}' reads concatenated channels it cannot map")
             if is_depthwise(module):
                 return self._depthwise(node, name, module, source, value)
             if module.groups != 1:
@@ -333,7 +367,7 @@ class _Propagation(fx.Interpreter):
             kind, axis, width = f"conv{value.dim() - 2}d", 1, module.out_channels
         else:
             kind, axis, width = "linear", value.dim() - 1, module.out_features
-            if isinstance(source, Channels) and source.axis != value.dim() - 1:
+            if isinstance(source, CARRYING) and source.axis != value.dim() - 1:
                 return self._opaque(
                     node, f"Linear '{name}' maps along an axis that does not hold the channels"
                 )
@@ -383,6 +417,11 @@ class _Propagation(fx.Interpreter):
     def _tie_output(self, node: fx.Node) -> None:
         for arg in node.all_input_nodes:
             annotation = self.map.annotations.get(arg.name)
+            if isinstance(annotation, Concatenated):
+                raise ValueError(
+                    "the model's output concatenates the outputs of several layers; fusion needs one layer "
+                    "that outputs the classes"
+                )
             if isinstance(annotation, Channels):
                 stream = self.map.find(annotation.space)
                 self.map.outputs |= {space for space in self.map.parents if self.map.find(space) == stream}
@@ -399,23 +438,24 @@ class _Propagation(fx.Interpreter):
         return UNKNOWN
 
     def _pooled(self, node: fx.Node, source: Annotation, value: Tensor) -> Annotation:
-        if isinstance(source, Channels) and (source.axis != 1 or source.positions != 1):
+        if isinstance(source, CARRYING) and (source.axis != 1 or source.positions != 1):
             return self._opaque(node, "pooling over an axis that holds channels")
         return source
 
     def _reshaped(
         self, node: fx.Node, source: Annotation, shape: tuple[int, ...], value: Tensor
     ) -> Annotation:
-        if not isinstance(source, Channels):
+        if not isinstance(source, CARRYING):
             return source
-        moved = _reshape_channels(source, shape, tuple(value.shape), self.map.widths[source.space])
+        width = source.width if isinstance(source, Concatenated) else self.map.widths[source.space]
+        moved = _reshape_channels(source.axis, source.positions, shape, tuple(value.shape), width)
         if moved is None:
             return self._opaque(node, f"a reshape {shape} -> {tuple(value.shape)} that splits channels apart")
-        return moved
+        return replace(source, axis=moved[0], positions=moved[1])
 
     def _reduced(self, node: fx.Node, value: Tensor) -> Annotation:
         source = self._first(node)
-        assert isinstance(source, Channels)
+        assert isinstance(source, CARRYING)
         shape = self._arg_shape(node)
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
@@ -425,7 +465,7 @@ class _Propagation(fx.Interpreter):
         if source.axis in dims:
             return self._opaque(node, "a reduction over the axis that holds the channels")
         axis = source.axis if keepdim else source.axis - sum(d < source.axis for d in dims)
-        return Channels(source.space, axis, source.positions)
+        return replace(source, axis=axis)
 
     def _extremum(self, node: fx.Node, value: Any) -> Annotation:
         """``torch.max(x, other)`` is element-wise; ``torch.max(x, dim)`` a reduction whose values (read
@@ -522,14 +562,19 @@ class _Propagation(fx.Interpreter):
         return Channels(source.space, axis_out + source.axis - axis_in, source.positions)
 
     def _concatenated(self, node: fx.Node, value: Tensor) -> Annotation:
+        """Along the channels, the parts' spaces side by side (`Concatenated`); along another axis (a class
+        token before the patch tokens), one stream of the parts' channels."""
         tensors = node.args[0]
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % value.dim()
+        annotations = [self.map.annotations.get(arg.name) for arg in tensors]
+        if any(isinstance(a, CARRYING) and a.axis == dim for a in annotations):
+            return self._side_by_side(node, tensors, annotations, dim)
         result: Channels | None = None
         for arg in tensors:
             annotation = self.map.annotations.get(arg.name)
+            if isinstance(annotation, Concatenated):
+                return self._opaque(node, "a concatenation of concatenated channels along another axis")
             if isinstance(annotation, Channels):
-                if annotation.axis == dim:
-                    return self._opaque(node, "a concatenation along the axis that holds the channels")
                 if result is None:
                     result = annotation
                 elif (annotation.axis, annotation.positions) != (result.axis, result.positions):
@@ -542,9 +587,26 @@ class _Propagation(fx.Interpreter):
                 return self._opaque(node, "a concatenation of neurons with input-derived values")
         return result
 
+    def _side_by_side(
+        self, node: fx.Node, tensors: Any, annotations: list[Annotation], dim: int
+    ) -> Annotation:
+        parts: list[tuple[int, int]] = []
+        for arg, annotation in zip(tensors, annotations):
+            if isinstance(annotation, CARRYING) and (annotation.axis, annotation.positions) == (dim, 1):
+                parts += (
+                    annotation.parts
+                    if isinstance(annotation, Concatenated)
+                    else ((annotation.space, self.map.shapes[arg.name][dim]),)
+                )
+            elif annotation is None:  # the model's input or constants: channels that keep their index
+                parts.append((FIXED, self.map.shapes[arg.name][dim]))
+            else:
+                return self._opaque(node, "a concatenation along the channels of tensors that do not line up")
+        return Concatenated(tuple(parts), dim)
+
     def _moved(self, node: fx.Node, value: Tensor) -> Annotation:
         source = self._first(node)
-        assert isinstance(source, Channels)
+        assert isinstance(source, CARRYING)
         shape = self._arg_shape(node)
         name = node.target if isinstance(node.target, str) else node.target.__name__
         arguments = node.args[1:]
@@ -553,29 +615,29 @@ class _Propagation(fx.Interpreter):
                 arguments[0] if len(arguments) == 1 and isinstance(arguments[0], (tuple, list)) else arguments
             )
             order = [d % len(shape) for d in order]
-            return Channels(source.space, order.index(source.axis), source.positions)
+            return replace(source, axis=order.index(source.axis))
         if name == "transpose":
             a, b = (d % len(shape) for d in arguments[:2])
             axis = b if source.axis == a else a if source.axis == b else source.axis
-            return Channels(source.space, axis, source.positions)
+            return replace(source, axis=axis)
         offset = value.dim() - len(shape)  # expand/repeat may prepend axes
         if value.shape[source.axis + offset] != shape[source.axis]:
             return self._opaque(node, f"{name}() along the axis that holds the channels")
-        return Channels(source.space, source.axis + offset, source.positions)
+        return replace(source, axis=source.axis + offset)
 
 
 def _reshape_channels(
-    source: Channels, before: tuple[int, ...], after: tuple[int, ...], width: int
-) -> Channels | None:
+    axis: int, positions: int, before: tuple[int, ...], after: tuple[int, ...], width: int
+) -> tuple[int, int] | None:
     """Where a reshape (memory order kept) puts the channels, or None when they no longer lie along one
     axis, channel-major. Channel c covers flat indices with (f // (positions · S)) % width == c, S being
     the size of the axes after the channel axis; it lies along output axis j when the axes after j (size
     T) divide positions · S and axis j holds width · (positions · S / T) entries."""
-    span = source.positions * math.prod(before[source.axis + 1 :])
-    for axis in range(len(after)):
-        tail = math.prod(after[axis + 1 :])
-        if span % tail == 0 and after[axis] * tail == width * span and after[axis] > 0:
-            return Channels(source.space, axis, span // tail)
+    span = positions * math.prod(before[axis + 1 :])
+    for new_axis in range(len(after)):
+        tail = math.prod(after[new_axis + 1 :])
+        if span % tail == 0 and after[new_axis] * tail == width * span and after[new_axis] > 0:
+            return new_axis, span // tail
     return None
 
 

@@ -38,6 +38,7 @@ from fedfuse.fusion.channels import (
     Annotation,
     ChannelMap,
     Channels,
+    Concatenated,
     LayerCall,
     plain_forward,
     propagate,
@@ -75,6 +76,9 @@ class Level:
         source: the space of the channels its input carries (None: the model's input, or channels that
             keep their index; ``"?"``: unknown), and positions: entries per channel along the input's
             channel axis (a Linear after a flatten of ``[C, H, W]`` sees ``H·W`` per channel).
+        concatenated: when its input concatenates several spaces along the channels, each space (None:
+            channels that keep their index) and its channels per parent, in order; ``source`` is then
+            ``"?"``, as no one space feeds it.
         reason: why only the gradient variant can fit it (blocks).
     """
 
@@ -92,6 +96,7 @@ class Level:
     target: str = ""
     source: str | None = None
     positions: int = 1
+    concatenated: tuple[tuple[str | None, int], ...] = ()
     reason: str | None = None
 
     @property
@@ -177,7 +182,9 @@ class LevelPlan:
         """Whether a fused model of another width can be made (`FusionConfig.width_multiplier`): traced,
         and every level a layer with all its inputs in every neuron, so that each space's writers and
         readers are known."""
-        return self.traced and all(level.closed_form and not level.channelwise for level in self.levels)
+        return self.traced and all(
+            level.closed_form and not level.channelwise and not level.concatenated for level in self.levels
+        )
 
     def check(self, variant: str, width_multiplier: float = 1.0) -> None:
         """Raise when ``variant`` cannot fit every level, or the width cannot change.
@@ -192,7 +199,7 @@ class LevelPlan:
                 + (
                     "declared levels keep their width"
                     if not self.traced
-                    else f"{self.model} has blocks or depthwise convolutions"
+                    else f"{self.model} has blocks, depthwise convolutions or concatenated channels"
                 )
             )
         if variant != "linear":
@@ -217,6 +224,8 @@ class LevelPlan:
             if len(space.levels) > 1 and not space.fixed:
                 label = f"stream {space.name}"
             source = "input" if level.source is None else level.source
+            if level.concatenated:
+                source = "+".join(part or "input" for part, _ in level.concatenated)
             if level.positions > 1:
                 source += f" x{level.positions}"
             if level.residual:
@@ -471,6 +480,11 @@ class _TracedPlanner:
         annotation = self.map.annotations[call.output_node]
         assert isinstance(annotation, Channels)
         source = call.input
+        concatenated = (
+            tuple((self._source_name(Channels(space, 1)), width) for space, width in source.parts)
+            if isinstance(source, Concatenated)
+            else ()
+        )
         return Level(
             name=call.module,
             kind=call.kind,
@@ -484,7 +498,8 @@ class _TracedPlanner:
             axis=annotation.axis,
             target=call.output_node,
             source=self._source_name(source),
-            positions=source.positions if isinstance(source, Channels) else 1,
+            positions=source.positions if isinstance(source, (Channels, Concatenated)) else 1,
+            concatenated=concatenated,
         )
 
     def _source_name(self, annotation: Annotation) -> str | None:
@@ -624,6 +639,9 @@ class _TracedPlanner:
                 level,
                 space=space_of[level.name],
                 source=renamed.get(level.source, level.source) if level.source else None,
+                concatenated=tuple(
+                    (renamed.get(part, part) if part else None, width) for part, width in level.concatenated
+                ),
             )
             for level in levels
         ]

@@ -114,9 +114,13 @@ def aligned_prior(
     (``parent_maps``, `folded_weights` of every parent), re-indexed through the grouping of the space its
     inputs come from; None for a fit pulled toward zero (``prior="zero"``, or inputs whose channels
     cannot be traced back)."""
-    if context.config.prior == "zero" or level.source == "?":
+    if context.config.prior == "zero":
         return None
-    if level.source is None:  # the model's input, or channels that keep their index
+    if level.concatenated:
+        inputs, input_groups = _concatenated_assignments(level, context)
+    elif level.source == "?":
+        return None
+    elif level.source is None:  # the model's input, or channels that keep their index
         inputs, input_groups = None, 0
     else:
         source = context.groupings[level.source]
@@ -125,3 +129,25 @@ def aligned_prior(
         parent_maps, grouping.shares, inputs, input_groups, with_bias, channelwise=level.channelwise
     )
     return prior.to(context.device)
+
+
+def _concatenated_assignments(
+    level: Level, context: FusionContext
+) -> tuple[tuple[list[Tensor], list[Tensor]], int]:
+    """`assignments` for an input that concatenates several spaces along the channels: each part's,
+    shifted past the fused channels of the parts before it (a part that keeps its index maps to itself)."""
+    parents = len(context.parents)
+    groups: list[list[Tensor]] = [[] for _ in range(parents)]
+    factors: list[list[Tensor]] = [[] for _ in range(parents)]
+    offset = 0
+    for space, width in level.concatenated:
+        if space is None:
+            part = ([torch.arange(width)] * parents, [torch.ones(width, dtype=torch.float64)] * parents)
+            fused = width
+        else:
+            part, fused = assignments(context.groupings[space], parents), context.groups(space)
+        for k in range(parents):
+            groups[k].append(part[0][k].cpu() + offset)
+            factors[k].append(part[1][k].cpu().double())
+        offset += fused
+    return ([torch.cat(g) for g in groups], [torch.cat(f) for f in factors]), offset
