@@ -24,6 +24,7 @@ from tests.user_models import (
     CalledTwice,
     ConcatenatedOutput,
     DataDependent,
+    FeatureNet,
     InceptionNet,
     MaxOfBranches,
     MnistExampleNet,
@@ -180,6 +181,16 @@ def test_channels_concatenated_from_several_layers_keep_each_ones_grouping_and_f
 def test_an_output_concatenated_from_several_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="the model's output concatenates the outputs of several layers"):
         fuse([ConcatenatedOutput(), ConcatenatedOutput()], torch.randn(32, 8))
+
+
+def test_optional_forward_arguments_are_traced_with_their_defaults_as_fusion_calls_the_model() -> None:
+    torch.manual_seed(0)
+    model = FeatureNet().eval()
+    calibration = torch.randn(400, 10)
+    plan = describe_levels(model, calibration[:8])
+    assert [level.name for level in plan.levels] == ["fc1", "fc2"]
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(50, 10), tolerance=1e-4)
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

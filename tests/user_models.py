@@ -201,6 +201,25 @@ class ConcatenatedOutput(nn.Module):
         return torch.cat([self.first(h), self.second(h)], dim=1)
 
 
+class FeatureNet(nn.Module):
+    """A forward with optional arguments, as research code has them: features on request, a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        if mask is not None:
+            h = h * mask
+        if return_features:
+            return h
+        return self.fc2(h)
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

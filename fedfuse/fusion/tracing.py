@@ -14,6 +14,7 @@ on a fused model computes with the fused model's current weights, and training i
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -111,8 +112,8 @@ class _ShapeTracer(_Tracer):
         self._computing = True
         try:
             with torch.no_grad():
-                if kind == "placeholder":
-                    return self.example
+                if kind == "placeholder":  # the input; the arguments traced with their defaults are not
+                    return self.example if not self.values else _UNKNOWN
                 if kind == "get_attr":
                     return _attribute(self.root, str(target)).detach().clone()
                 if kind == "call_module":
@@ -192,27 +193,75 @@ def trace(model: nn.Module, leaves: Iterable[str] = (), example: Tensor | None =
 
     A forward with Python control flow on the input's shape (a loop over ``x.size()``, ``if x.dim() ==
     3``) is traced again with the values computed on ``example`` (`_ShapeTracer`), and the graph is kept
-    only if it computes what the model computes on the example and on a batch of another size.
+    only if it computes what the model computes on the example and on a batch of another size. Arguments
+    after the input that have defaults (``return_features=False``, ``mask=None``) are traced with their
+    defaults, as fusion calls the model (`_with_defaults`).
 
     Raises:
         UntraceableModelError: the forward cannot be traced; the message says why and how to declare
             the model's levels instead.
     """
+    defaults = _with_defaults(model)
     try:
-        graph = _Tracer(leaves).trace(model)
+        graph = _Tracer(leaves).trace(model, concrete_args=defaults)
     except Exception as error:  # fx raises TraceError, RuntimeError, TypeError... on what it cannot record
-        graph = _trace_with_shapes(model, leaves, example, error)
+        graph = _trace_with_shapes(model, leaves, example, defaults, error)
+    _drop_specialised_inputs(graph)
     copy_before_in_place(graph, model)
     return fx.GraphModule(model, graph)
 
 
+def _with_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """The default of each of ``forward``'s arguments after the first that has one: fusion calls the model
+    with its input alone, so the trace may take them as constants (``torch.fx``'s ``concrete_args``)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    defaults = {
+        parameter.name: parameter.default
+        for parameter in parameters[1:]
+        if parameter.kind in kinds and parameter.default is not inspect.Parameter.empty
+    }
+    return defaults or None
+
+
+#: The checks ``torch.fx`` inserts for an argument traced as a constant (`_with_defaults`), by name.
+SPECIALISATION_CHECKS = frozenset({"_assert", "_assert_is_none", "eq"})
+
+
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """Remove the inputs traced as constants, and fx's checks of their values: what is left takes the
+    model's input alone. An input something else still reads stays (and is refused as a second input)."""
+    for placeholder in [node for node in graph.nodes if node.op == "placeholder"][1:]:
+        checks: list[fx.Node] = []
+        stack = list(placeholder.users)
+        while stack:
+            node = stack.pop()
+            if node not in checks:
+                checks.append(node)
+                stack.extend(node.users)
+        if all(
+            node.op == "call_function" and getattr(node.target, "__name__", "") in SPECIALISATION_CHECKS
+            for node in checks
+        ):
+            for node in sorted(checks, key=list(graph.nodes).index, reverse=True):
+                graph.erase_node(node)
+            graph.erase_node(placeholder)
+
+
 def _trace_with_shapes(
-    model: nn.Module, leaves: Iterable[str], example: Tensor | None, error: Exception
+    model: nn.Module,
+    leaves: Iterable[str],
+    example: Tensor | None,
+    defaults: dict[str, Any] | None,
+    error: Exception,
 ) -> fx.Graph:
     reason = f"{type(error).__name__}: {error}"
     if example is not None:
         try:
-            graph = _ShapeTracer(leaves, example).trace(model)
+            graph = _ShapeTracer(leaves, example).trace(model, concrete_args=defaults)
         except Exception as again:
             reason = f"{type(again).__name__}: {again}"
         else:
