@@ -27,7 +27,9 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
     with torch.no_grad():
         for level in plan.levels:
             layer = permuted.get_submodule(level.layer)
-            if level.space in orders:
+            if level.space in orders and level.kind == "embedding":  # its neurons are its columns
+                layer.weight.copy_(layer.weight[:, orders[level.space]])
+            elif level.space in orders:
                 order = orders[level.space]
                 layer.weight.copy_(layer.weight[order])
                 if layer.bias is not None:

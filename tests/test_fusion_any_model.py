@@ -20,6 +20,7 @@ from fedfuse.fusion.tracing import runnable, shared_code, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
+    BagOfWords,
     BatchSizeBranch,
     CalledTwice,
     ConcatenatedOutput,
@@ -150,7 +151,7 @@ def test_a_grouped_convolution_that_is_not_depthwise_is_refused_by_name() -> Non
 
 
 def test_a_model_with_depthwise_convolutions_keeps_its_width() -> None:
-    with pytest.raises(ValueError, match="TinyMobileNet has blocks, depthwise convolutions or concatenated"):
+    with pytest.raises(ValueError, match="TinyMobileNet has blocks, embeddings, depthwise convolutions or"):
         fuse([TinyMobileNet(), TinyMobileNet()], torch.randn(64, 1, 16, 16), FusionConfig(width_multiplier=2))
 
 
@@ -191,6 +192,55 @@ def test_optional_forward_arguments_are_traced_with_their_defaults_as_fusion_cal
     assert [level.name for level in plan.levels] == ["fc1", "fc2"]
     result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
     assert_same_function(result.model, model, torch.randn(50, 10), tolerance=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_an_embedding_of_token_ids_is_the_aligned_average_and_fuses_back_for_unseen_tokens_too(
+    variant: str,
+) -> None:
+    """The calibration texts use token ids 0-39 of 50: the fused table is the aligned average of the
+    parents' (exact for every token), so the function comes back for the ten ids never seen too."""
+    torch.manual_seed(0)
+    model = BagOfWords().eval()
+    calibration = torch.randint(0, 40, (600, 7))
+    result = fuse(
+        [model, permuted_copy(model, seed=1, example=calibration)],
+        calibration,
+        FusionConfig(ridge=0.0, variant=variant, epochs=2),
+    )
+    embedding = result.report.levels[0]
+    assert (embedding.kind, embedding.neurons, embedding.fan_in, embedding.fit_r2) == (
+        "embedding",
+        12,
+        50,
+        1.0,
+    )
+    unseen = torch.randint(40, 50, (100, 7), generator=torch.Generator().manual_seed(0))
+    assert_same_function(result.model, model, unseen, tolerance=1e-4)
+
+
+def test_an_embedding_of_positions_not_of_the_inputs_ids_is_no_level_of_its_own() -> None:
+    """``pos(torch.arange(T))`` looks up the same rows for every sample: a parameter added to the stream,
+    like a position embedding tensor, not a level whose neurons can be grouped by their values."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(30, 8), nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            where = torch.arange(ids.shape[1], device=ids.device)
+            return self.head(torch.tanh(self.tokens(ids) + self.positions(where)).mean(1))
+
+    with pytest.raises(ValueError, match=r"'positions' \(Embedding\) looks up ids that are not the input's"):
+        fuse([Positions(), Positions()], torch.randint(0, 30, (64, 6)))
+
+
+def test_conductance_is_refused_for_token_ids_it_cannot_interpolate() -> None:
+    tokens = torch.randint(0, 50, (64, 7))
+    with pytest.raises(ValueError, match=r"importance='conductance' .* torch.int64 inputs \(token ids\)"):
+        fuse([BagOfWords(), BagOfWords()], tokens, FusionConfig(importance="conductance"))
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

@@ -220,6 +220,19 @@ class FeatureNet(nn.Module):
         return self.fc2(h)
 
 
+class BagOfWords(nn.Module):
+    """A text classifier on token ids: an embedding averaged over the tokens, then an MLP."""
+
+    def __init__(self, vocabulary: int = 50, dimensions: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, dimensions, padding_idx=0)
+        self.fc1 = nn.Linear(dimensions, 16)
+        self.fc2 = nn.Linear(16, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(self.embedding(tokens).mean(dim=1))))
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

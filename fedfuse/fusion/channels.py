@@ -145,6 +145,8 @@ AXIS_METHODS: frozenset[str] = frozenset({"permute", "transpose", "expand", "exp
 AXIS_FUNCTIONS: frozenset[Callable] = frozenset({torch.permute, torch.transpose})
 # Operations that return no tensor (shape queries) and so carry nothing.
 SHAPE_METHODS: frozenset[str] = frozenset({"size", "dim", "numel"})
+# Attributes of a tensor that describe it without its values.
+METADATA: frozenset[str] = frozenset({"shape", "ndim", "device", "dtype"})
 
 
 @dataclass
@@ -153,7 +155,8 @@ class LayerCall:
 
     Attributes:
         node: the layer's graph node.  module: its qualified module name.
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"`` or ``"depthwise2d"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"`` or
+            ``"embedding"``.
         width: output channels.
         space: the space its output channels make (before streams are joined).
         input: the annotation of the layer's input (for re-indexing weights through a grouping).
@@ -327,6 +330,8 @@ class _Propagation(fx.Interpreter):
         name = str(node.target)
         if isinstance(module, LAYERS) and plain_forward(module):
             return self._layer(node, name, module, source, value)
+        if isinstance(module, nn.Embedding) and plain_forward(module) and module.max_norm is None:
+            return self._embedding(node, name, module, source, value)
         if isinstance(module, _BatchNorm) and plain_forward(module):
             return self._batchnorm(node, name, module, source)
         if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.parameters()):
@@ -390,6 +395,25 @@ class _Propagation(fx.Interpreter):
         kind = f"depthwise{value.dim() - 2}d"
         self.map.layers[node.name] = LayerCall(node.name, name, kind, module.out_channels, space, source)
         return Channels(space, 1)
+
+    def _embedding(
+        self, node: fx.Node, name: str, module: nn.Embedding, source: Annotation, value: Tensor
+    ) -> Annotation:
+        """An embedding of token ids from the input: its neurons are the embedding's dimensions (the last
+        axis of its output), a space of their own."""
+        if source is not None:
+            return self._opaque(node, f"embedding '{name}' looks up ids computed from neurons")
+        if not _reads_input_values(node.all_input_nodes[0]):
+            return self._opaque(
+                node,
+                f"module '{name}' (Embedding) looks up ids that are not the input's (positions, say): its "
+                "table is a parameter added to the stream, which only the gradient variant fits",
+            )
+        space = self.map.new_space(module.embedding_dim)
+        self.map.layers[node.name] = LayerCall(
+            node.name, name, "embedding", module.embedding_dim, space, None
+        )
+        return Channels(space, value.dim() - 1)
 
     def _batchnorm(self, node: fx.Node, name: str, module: _BatchNorm, source: Annotation) -> Annotation:
         producer = node.all_input_nodes[0]
@@ -651,9 +675,28 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
+def _reads_input_values(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on the model input's values, not only on its shape (``size()``,
+    ``.shape``, ``.device``: ``torch.arange(x.shape[1])`` reads none)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return True
+        if current.op == "call_method" and current.target in SHAPE_METHODS:
+            continue
+        if current.op == "call_function" and current.target is getattr and current.args[1] in METADATA:
+            continue
+        stack.extend(current.all_input_nodes)
+    return False
+
+
 def plain_forward(module: nn.Module) -> bool:
     """Whether ``module`` computes what its torch.nn class does (a subclass may override forward)."""
-    for base in (*LAYERS, _BatchNorm):
+    for base in (*LAYERS, nn.Embedding, _BatchNorm):
         if isinstance(module, base):
             return type(module).forward is next(
                 cls.forward for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn")

@@ -232,6 +232,12 @@ def _plan(
     parameter = next(model.parameters())
     example = calibration.example(parameter.device, parameter.dtype)
     _check_runs(model, example)
+    if config.importance == "conductance" and not example.is_floating_point():
+        raise ValueError(
+            f"importance='conductance' integrates along a path from a baseline to each input, which "
+            f"{example.dtype} inputs (token ids) do not have; use 'gradient_x_activation', 'deeplift' or "
+            "'uniform'"
+        )
     plan = plan_levels(model, example, levels)
     plan.check(config.variant, config.width_multiplier)
     if config.grouping != "index":

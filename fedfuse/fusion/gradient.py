@@ -26,6 +26,7 @@ from fedfuse.fusion.config import FusionConfig
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
+from fedfuse.fusion.lookup import fit_lookup
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import layer_map, rows_of
@@ -51,6 +52,8 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
         grouping = context.groupings[space.name] = group_space(space, embeddings, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
 
+    if level.kind == "embedding":
+        return fit_lookup(level, grouping, method or grouping.method, seconds, context)
     clock = time.perf_counter()
     fused_level = context.fused_level(level)
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None

@@ -47,7 +47,7 @@ from fedfuse.fusion.declared import LevelSpec, declared_levels
 from fedfuse.fusion.tracing import input_node, output_node, trace
 
 #: The kinds of level the closed-form (linear) variant fits.
-LAYER_KINDS = ("linear", "conv1d", "conv2d", "depthwise1d", "depthwise2d")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "depthwise1d", "depthwise2d", "embedding")
 #: Layers whose neuron c reads input channel c alone: fitted channel by channel, in their input's stream.
 CHANNELWISE_KINDS = ("depthwise1d", "depthwise2d")
 
@@ -59,9 +59,10 @@ class Level:
     Attributes:
         name: the level's name in reports: its layer's qualified module name, or for a block its
             modules' common prefix with the first and last of them.
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"`` (a layer
-            that the closed form fits; a depthwise one channel by channel) or ``"block"`` (fitted by the
-            gradient variant only).
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"``,
+            ``"embedding"`` (a layer that the closed form fits; a depthwise one channel by channel, an
+            embedding of the input's token ids exactly by its aligned average) or ``"block"`` (fitted
+            by the gradient variant only).
         width: its neurons: output features or channels.
         space: the name of the space its neurons live in (the level's own name, or the stream's).
         layer, norm: the Linear/Conv module and the BatchNorm folded into it (layers only).
@@ -183,7 +184,11 @@ class LevelPlan:
         and every level a layer with all its inputs in every neuron, so that each space's writers and
         readers are known."""
         return self.traced and all(
-            level.closed_form and not level.channelwise and not level.concatenated for level in self.levels
+            level.closed_form
+            and not level.channelwise
+            and not level.concatenated
+            and level.kind != "embedding"
+            for level in self.levels
         )
 
     def check(self, variant: str, width_multiplier: float = 1.0) -> None:
@@ -199,7 +204,8 @@ class LevelPlan:
                 + (
                     "declared levels keep their width"
                     if not self.traced
-                    else f"{self.model} has blocks, depthwise convolutions or concatenated channels"
+                    else f"{self.model} has blocks, embeddings, depthwise convolutions or "
+                    "concatenated channels"
                 )
             )
         if variant != "linear":

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import solve_channels, solve_level, write_level
 from fedfuse.fusion.levels import Level
+from fedfuse.fusion.lookup import fit_lookup
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import (
@@ -49,6 +50,8 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         seconds["statistics"] = time.perf_counter() - clock
         grouping = context.groupings[space.name] = group_space(space, embeddings, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
+    if level.kind == "embedding":
+        return fit_lookup(level, grouping, method or grouping.method, seconds, context)
     # Label and log-probability targets of the classes are no linear mix of the parents' logits: they are
     # computed per batch (`class_targets`).
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None

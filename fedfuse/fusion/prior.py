@@ -33,6 +33,8 @@ def folded_weights(parent: nn.Module, layer: str, norm: str | None) -> Tensor:
     order of ``weight.flatten(1)``, the bias last when the map has one; a folded BatchNorm (eval mode)
     is multiplied in."""
     module = parent.get_submodule(layer)
+    if isinstance(module, nn.Embedding):  # neuron d's weights are column d, one per token id
+        return module.weight.detach().double().T.contiguous()
     weight = module.weight.detach().double().flatten(1)
     bias = module.bias.detach().double() if module.bias is not None else None
     if norm is not None:

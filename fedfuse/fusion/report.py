@@ -12,12 +12,13 @@ class LevelReport:
 
     Attributes:
         name: the level's layer in the fused model's state_dict namespace (``"features.3"``).
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"block"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"``,
+            ``"embedding"`` or ``"block"``.
         neurons: fused neurons (output features or channels) of the level.
         fan_in: inputs of one neuron (``in_features``, or ``in_channels·kernel`` for a convolution),
             plus one for the bias when the level has one; for a block, its input's values per sample.
         rows: calibration rows the level was fitted on: samples, times output positions for a
-            convolution.
+            convolution; 0 for an embedding table, whose fit reads none (`fedfuse.fusion.lookup`).
         grouping: ``"kmeans"``, ``"hungarian"``, ``"index"`` (fixed spaces, the classes: matched by
             index) or ``"stream"`` (a level of a residual stream whose grouping an earlier level decided).
         grouping_cost: the importance-weighted share of the parents' neuron variance that merging

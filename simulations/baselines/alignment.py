@@ -54,6 +54,8 @@ def alignable_plan(model: nn.Module, example: Tensor, method: str) -> LevelPlan:
         reason = None
         if not level.closed_form:
             reason = f"it is a {level.kind} ({level.reason})"
+        elif level.kind == "embedding":
+            reason = "it is an embedding"
         elif level.concatenated:
             reason = "its input concatenates the channels of several levels"
         elif level.source == "?":

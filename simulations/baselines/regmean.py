@@ -52,8 +52,14 @@ def regmean(models: Sequence[nn.Module], x: Tensor, alpha: float = ALPHA, batch_
     plan = plan_levels(copy.deepcopy(models[0]).eval(), x[:8])
     for level in plan.levels:
         grouped = level.closed_form and getattr(models[0].get_submodule(level.layer), "groups", 1) != 1
-        if not level.closed_form or grouped:
-            what = "a grouped convolution" if grouped else f"a {level.kind} ({level.reason})"
+        if not level.closed_form or grouped or level.kind == "embedding":
+            what = (
+                "a grouped convolution"
+                if grouped
+                else "an embedding"
+                if level.kind == "embedding"
+                else f"a {level.kind} ({level.reason})"
+            )
             raise ValueError(
                 f"RegMean merges Linear/Conv layers; {type(models[0]).__name__} has level "
                 f"{level.name!r} that is {what}"
