@@ -1,12 +1,14 @@
 """Which tensors carry which neurons: channel spaces propagated through a traced model.
 
-Every Linear or convolution (with the BatchNorm directly after it folded in) makes a new **space** of
-neurons: its output channels. Fusion groups a space's neurons across parents; the order of the groups is
-free, as long as everything that carries the space agrees on it. So this pass follows each space through
-the graph, run on an example input (`torch.fx.Interpreter`): an activation or pooling keeps the channels
-where they are, a flatten spreads each channel over a block of positions, an addition of two spaces (a
-residual connection) joins them into one **stream** that must share one grouping, and the model's output
-ties its space to fixed indices (the classes). Each rule is data in a table below (`PRESERVING_FUNCTIONS`,
+Every Linear or convolution (with the BatchNorm directly after it folded in), and every embedding of the
+input's token ids, makes a new **space** of neurons: its output channels. Fusion groups a space's neurons
+across parents; the order of the groups is free, as long as everything that carries the space agrees on
+it. So this pass follows each space through the graph, run on an example input
+(`torch.fx.Interpreter`): an activation or pooling keeps the channels where they are, a flatten spreads
+each channel over a block of positions, an addition of two spaces (a residual connection) or a depthwise
+convolution joins them into one **stream** that must share one grouping, a concatenation along the
+channels puts spaces side by side (`Concatenated`), and the model's output ties its space to fixed
+indices (the classes). Each rule is data in a table below (`PRESERVING_FUNCTIONS`,
 `RESHAPING_METHODS`, ...), as in `torch.fx` passes that keep their patterns as data.
 
 What no rule covers, on a tensor that carries a free space (an attention product, a channel slice, a

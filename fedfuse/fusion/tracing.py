@@ -47,11 +47,10 @@ class _ShapeTracer(_Tracer):
     """A tracer that also computes every value on an example input, so that Python control flow on the
     tensors' *shapes* can be followed: ``for s in x.size()[1:]`` (PyTorch's tutorial ``num_flat_features``)
     iterates over one proxy per axis, and ``if x.dim() == 3`` or ``if len(x.shape) == 3`` takes the
-    branch the example takes. Only
-    values computed from shapes (``size``, ``dim``, ``numel``, ``shape``, ``ndim``) and constants are
-    used so; control flow on tensor values (``if x.sum() > 0``, ``.item()``) is refused as by plain
-    tracing. A branch on the batch size would be taken for the example's; `trace` checks the graph
-    against the model on two batch sizes.
+    branch the example takes. Only values computed from shapes (``size``, ``dim``, ``numel``, ``shape``,
+    ``ndim``) and constants are used so; control flow on tensor values (``if x.sum() > 0``, ``.item()``)
+    is refused as by plain tracing. A branch on the batch size would be taken for the example's; `trace`
+    checks the graph against the model on two batch sizes.
 
     Like ``torch.fx.experimental.meta_tracer.MetaTracer`` (which attaches meta tensors to proxies and makes
     ``size()`` a constant), but with real values and shape queries kept in the graph: a constant batch
