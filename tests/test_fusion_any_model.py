@@ -33,6 +33,7 @@ from tests.user_models import (
     Reordered,
     ShapeBranches,
     SmallResNet,
+    SqueezeExcite,
     TextCNN,
     TiedNet,
     TinyMobileNet,
@@ -241,6 +242,21 @@ def test_conductance_is_refused_for_token_ids_it_cannot_interpolate() -> None:
     tokens = torch.randint(0, 50, (64, 7))
     with pytest.raises(ValueError, match=r"importance='conductance' .* torch.int64 inputs \(token ids\)"):
         fuse([BagOfWords(), BagOfWords()], tokens, FusionConfig(importance="conductance"))
+
+
+def test_a_squeeze_and_excitation_gate_shares_its_channels_grouping_and_fuses_back() -> None:
+    """The gate's output multiplies the channels it was computed from: one stream, grouped on both
+    points. The gate's values barely vary from sample to sample (they read means), so its point is
+    mostly its mean; each point is balanced by its energy, not its variance, or that near-constant
+    point outweighs the channels' own (grouping by its means alone, k-means mismatched the copies)."""
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    calibration = torch.randn(800, 1, 8, 8)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    levels = {level.name: level for level in result.report.levels}
+    assert levels["fc2"].space == levels["conv2"].space
+    assert levels["conv2"].grouping_cost < 1e-6
+    assert_same_function(result.model, model, torch.randn(50, 1, 8, 8), tolerance=1e-4)
 
 
 def test_an_nn_sequential_subclass_is_fused_as_its_forward_runs_not_as_registered() -> None:

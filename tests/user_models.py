@@ -233,6 +233,24 @@ class BagOfWords(nn.Module):
         return self.fc2(F.relu(self.fc1(self.embedding(tokens).mean(dim=1))))
 
 
+class SqueezeExcite(nn.Module):
+    """A CNN with a squeeze-and-excitation gate (MobileNetV3's, SENet's): each channel scaled by a gate
+    computed from all channels' means, ``x * sigmoid(fc2(relu(fc1(mean(x)))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head((h * gate).mean((2, 3)))
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 

@@ -216,12 +216,15 @@ def log_mixture(values: Tensor, shares: Tensor, parents: int) -> Tensor:
 
 def _combined(embeddings: Sequence[NeuronEmbedding]) -> tuple[Tensor, Tensor]:
     """One set of points (with per-neuron energies Σz²) for several points of a space, each
-    scaled by the inverse root of its total variance and set side by side: k-means on the neurons'
-    values at every point at once, each point counting alike."""
+    scaled by the inverse root of its total energy Σz² and set side by side: k-means on the neurons'
+    values at every point at once, each point counting alike in the distances k-means measures. (Scaled
+    by its variance instead, a point whose values barely move from sample to sample, a squeeze-and-
+    excitation gate's, had its means magnified until they outweighed every other point, and k-means
+    grouped by them alone.)"""
     points, energies = [], []
     for point in embeddings:
         assert point.squares is not None
-        scale = 1.0 / float(point.variances.sum().clamp_min(torch.finfo(torch.float64).tiny))
+        scale = 1.0 / float(point.squares.sum().clamp_min(torch.finfo(torch.float64).tiny))
         if len(embeddings) == 1:
             scale = 1.0
         points.append(point.points() * scale**0.5)
