@@ -27,6 +27,7 @@ from tests.user_models import (
     DataDependent,
     FeatureNet,
     InceptionNet,
+    KimCNN,
     MaxOfBranches,
     MnistExampleNet,
     QuickstartNet,
@@ -236,6 +237,16 @@ def test_an_embedding_of_positions_not_of_the_inputs_ids_is_no_level_of_its_own(
 
     with pytest.raises(ValueError, match=r"'positions' \(Embedding\) looks up ids that are not the input's"):
         fuse([Positions(), Positions()], torch.randint(0, 30, (64, 6)))
+
+
+def test_kims_sentence_cnn_is_fused_in_closed_form_embedding_convolutions_and_concatenation() -> None:
+    torch.manual_seed(0)
+    model = KimCNN().eval()
+    calibration = torch.randint(0, 60, (700, 12))
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    kinds = [level.kind for level in result.report.levels]
+    assert kinds == ["embedding", "conv1d", "conv1d", "conv1d", "linear"]
+    assert_same_function(result.model, model, torch.randint(0, 60, (50, 12)), tolerance=1e-4)
 
 
 def test_conductance_is_refused_for_token_ids_it_cannot_interpolate() -> None:

@@ -251,6 +251,26 @@ class SqueezeExcite(nn.Module):
         return self.head((h * gate).mean((2, 3)))
 
 
+class KimCNN(nn.Module):
+    """Kim's (2014) sentence CNN as it is usually written: token embeddings, convolutions of several
+    widths over time, a max over time each, concatenated, dropout, a linear head."""
+
+    def __init__(
+        self, vocabulary: int = 60, dimensions: int = 10, filters: int = 6, classes: int = 3
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, dimensions)
+        self.convs = nn.ModuleList([nn.Conv1d(dimensions, filters, width) for width in (2, 3, 4)])
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(3 * filters, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens).permute(0, 2, 1)
+        x = [F.relu(conv(x)) for conv in self.convs]
+        x = [F.max_pool1d(c, c.size(2)).squeeze(2) for c in x]
+        return self.fc(self.dropout(torch.cat(x, 1)))
+
+
 class Reordered(nn.Sequential):
     """An ``nn.Sequential`` subclass whose forward runs its layers in another order than registered."""
 
