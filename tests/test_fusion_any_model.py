@@ -317,6 +317,47 @@ def test_declared_linear_levels_are_fitted_in_closed_form_even_when_the_model_ca
     assert_same_function(result.model, model, torch.randn(100, 8), tolerance=1e-4)
 
 
+class _Recurrent(nn.Module):
+    """An LSTM that returns its outputs alone: what a declared level must return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
+
+
+class _SequenceClassifier(nn.Module):
+    def __init__(self, wrapped: bool) -> None:
+        super().__init__()
+        self.rnn = _Recurrent() if wrapped else nn.LSTM(8, 16, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x)
+        return self.fc((out if isinstance(out, torch.Tensor) else out[0])[:, -1, :])
+
+
+def test_a_recurrent_layer_is_declared_through_a_wrapper_returning_its_outputs() -> None:
+    """An LSTM returns ``(outputs, state)``: declared bare, it is refused with how to wrap it; wrapped,
+    the gradient variant fits it as a block."""
+    x = torch.randn(120, 5, 8)
+    bare = [_SequenceClassifier(wrapped=False).eval() for _ in range(2)]
+    with pytest.raises(
+        TypeError, match=r"declared level 'rnn' returns tuple, not one tensor; .* wrap the module"
+    ):
+        fuse(bare, x, FusionConfig(variant="gradient"), levels=["rnn", "fc"])
+    torch.manual_seed(0)
+    wrapped = [_SequenceClassifier(wrapped=True).eval() for _ in range(2)]
+    result = fuse(wrapped, x, FusionConfig(variant="gradient", epochs=2), levels=["rnn", "fc"])
+    assert [(level.name, level.kind) for level in result.report.levels] == [
+        ("rnn", "block"),
+        ("fc", "linear"),
+    ]
+    assert result.report.levels[0].fit_r2 > 0.5  # trained toward the group targets, not left at a start
+
+
 def test_tied_weights_are_refused_with_both_names() -> None:
     with pytest.raises(ValueError, match=r"'fc2.weight' is the same tensor as 'fc1.weight' \(tied weights\)"):
         fuse([TiedNet(), TiedNet()], torch.randn(32, 8))

@@ -769,7 +769,12 @@ def _declared_output_shapes(
         def hook(_: nn.Module, __: tuple, output: Tensor) -> None:
             calls.append(name)
             if not isinstance(output, Tensor):
-                raise TypeError(f"declared level '{name}' returns {type(output).__name__}, not one tensor")
+                raise TypeError(
+                    f"declared level '{name}' returns {type(output).__name__}, not one tensor; a level's "
+                    "output is where the next one reads its neurons, so wrap the module in one that "
+                    "returns that tensor (for a recurrent layer, the outputs of `out, state = rnn(x)`) "
+                    "and declare the wrapper"
+                )
             shapes[name] = tuple(output.shape)
 
         return hook
