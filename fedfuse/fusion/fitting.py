@@ -59,8 +59,9 @@ def solve_level(
     While ``stats`` keeps its rows (no more than inputs, `LevelStatistics.kept_rows`) the same problem is
     solved in their span (`_solve_in_row_span`): O(rows² · d) instead of O(d³).
     """
-    if stats.kept_rows is not None:
-        return _solve_in_row_span(stats, ridge, with_bias, prior)
+    kept = stats.kept_rows
+    if kept is not None:
+        return _solve_in_row_span(*kept, ridge, with_bias, prior)
     xtx, xtt = stats.with_bias() if with_bias else (stats.xtx, stats.xtt)
     fan_in = stats.xtx.shape[0]
     penalty = ridge * stats.xtx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
@@ -149,28 +150,19 @@ def solve_channels(
 def _channel_ranks(grams: Tensor) -> tuple[int, int]:
     """`numerical_rank` of each channel's Gram matrix ``[C, k, k]``, summed: eigenvalues of the matrix
     normalised to a unit diagonal above the same tolerance (the matrices are small)."""
-    diagonal = grams.diagonal(dim1=1, dim2=2)
-    tiny = torch.finfo(torch.float64).tiny
-    alive = diagonal > diagonal.amax(1, keepdim=True).clamp_min(tiny) * RANK_TOLERANCE
-    inverse_root = torch.where(alive, diagonal.clamp_min(tiny).rsqrt(), 0.0)
-    normalised = grams * inverse_root[:, :, None] * inverse_root[:, None, :]
+    normalised, alive = _unit_diagonal(grams)
     eigenvalues = torch.linalg.eigvalsh(normalised)
     rank = int((eigenvalues > RANK_TOLERANCE * grams.shape[1]).sum())
     return rank, int(alive.sum())
 
 
-def _solve_in_row_span(
-    stats: LevelStatistics, ridge: float, with_bias: bool, prior: Tensor | None
-) -> LevelFit:
-    """`solve_level` from the rows themselves, X ``[N, d]`` with N ≤ d: the solution differs from the
-    prior W₀ only within the span of the (centred) rows, W = W₀ + Xcᵀ·A with
+def _solve_in_row_span(x: Tensor, t: Tensor, ridge: float, with_bias: bool, prior: Tensor | None) -> LevelFit:
+    """`solve_level` from the rows themselves, X ``[N, d]`` with N ≤ d and T ``[N, g]``: the solution
+    differs from the prior W₀ only within the span of the (centred) rows, W = W₀ + Xcᵀ·A with
     (Xc·Xcᵀ + λI)·A = Tc − Xc·W₀, an N × N system (the push-through identity; with λ = 0, the
     pseudo-inverse's A). The bias, unpenalised, is what centring removed: b = T̄ − X̄·W. λ is `solve_level`'s,
     so both give the same fit up to round-off; a wide Linear level on a few hundred calibration rows
     (9,216 inputs, 200 rows) solves in milliseconds instead of tens of seconds and keeps no d × d matrix."""
-    kept = stats.kept_rows
-    assert kept is not None
-    x, t = kept
     fan_in, groups = x.shape[1], t.shape[1]
     x_mean = x.mean(0) if with_bias else x.new_zeros(fan_in)
     t_mean = t.mean(0) if with_bias else t.new_zeros(groups)
@@ -205,7 +197,7 @@ def _rank_of_rows(x: Tensor) -> tuple[int, int]:
     """`numerical_rank` of XᵀX from X ``[N, d]`` itself: the columns scaled to unit norm as there, and the
     rank read off the N × N matrix X·Xᵀ, which has the same non-zero eigenvalues."""
     norms = x.square().sum(0)
-    alive = norms > norms.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
+    alive = _nonzero(norms)
     live = int(alive.sum())
     if not live:
         return 0, 0
@@ -222,14 +214,27 @@ def numerical_rank(gram: Tensor) -> tuple[int, int]:
     O(d²·rank), several times cheaper than counting eigenvalues, and the same count wherever the
     spectrum has a clear gap, as it has when the rows are fewer than the inputs or an input is constant.
     """
-    diagonal = gram.diagonal()
-    alive = diagonal > diagonal.max().clamp_min(torch.finfo(torch.float64).tiny) * RANK_TOLERANCE
-    inverse_root = torch.where(alive, diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-    normalised = gram * inverse_root[:, None] * inverse_root[None, :]
+    normalised, alive = _unit_diagonal(gram)
     live = int(alive.sum())
     if not live:
         return 0, 0
     return _pivoted_rank(normalised, RANK_TOLERANCE * gram.shape[0]), live
+
+
+def _nonzero(squares: Tensor) -> Tensor:
+    """Which inputs are not zero throughout, from their sums of squares ``[..., d]``: those above
+    `RANK_TOLERANCE` of the largest (of each matrix in a batch)."""
+    largest = squares.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return squares > largest * RANK_TOLERANCE
+
+
+def _unit_diagonal(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """A Gram matrix ``[..., d, d]`` scaled to a unit diagonal (inputs that are zero throughout to zero),
+    and which inputs are not (`_nonzero`)."""
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    alive = _nonzero(diagonal)
+    inverse_root = torch.where(alive, diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    return gram * inverse_root[..., :, None] * inverse_root[..., None, :], alive
 
 
 def _pivoted_rank(matrix: Tensor, tolerance: float) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from fedfuse.fusion.channels import METADATA, SHAPE_METHODS
+
 #: Modules kept whole when tracing: fusion fits them, or reads what they compute.
 LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -47,17 +49,15 @@ class _ShapeTracer(_Tracer):
     """A tracer that also computes every value on an example input, so that Python control flow on the
     tensors' *shapes* can be followed: ``for s in x.size()[1:]`` (PyTorch's tutorial ``num_flat_features``)
     iterates over one proxy per axis, and ``if x.dim() == 3`` or ``if len(x.shape) == 3`` takes the
-    branch the example takes. Only values computed from shapes (``size``, ``dim``, ``numel``, ``shape``,
-    ``ndim``) and constants are used so; control flow on tensor values (``if x.sum() > 0``, ``.item()``)
-    is refused as by plain tracing. A branch on the batch size would be taken for the example's; `trace`
-    checks the graph against the model on two batch sizes.
+    branch the example takes. Only values computed from shapes and other metadata (``size``, ``dim``,
+    ``numel``, ``shape``, ``ndim``, ``dtype``, ``device``) and constants are used so; control flow on
+    tensor values (``if x.sum() > 0``, ``.item()``) is refused as by plain tracing. A branch on the
+    batch size would be taken for the example's; `trace` checks the graph against the model on two
+    batch sizes.
 
     Like ``torch.fx.experimental.meta_tracer.MetaTracer`` (which attaches meta tensors to proxies and makes
     ``size()`` a constant), but with real values and shape queries kept in the graph: a constant batch
     size would break every later run on other batches."""
-
-    SHAPE_METHODS = frozenset({"size", "dim", "numel"})
-    SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})
 
     def __init__(self, leaves: Iterable[str], example: Any) -> None:
         super().__init__(leaves)
@@ -91,8 +91,8 @@ class _ShapeTracer(_Tracer):
         known = all(node in self.values for node in nodes)
         value = self._value(kind, target, args, kwargs) if known else _UNKNOWN
         from_shapes = (
-            (kind == "call_method" and target in self.SHAPE_METHODS)
-            or (kind == "call_function" and target is getattr and args[1] in self.SHAPE_ATTRIBUTES)
+            (kind == "call_method" and target in SHAPE_METHODS)
+            or (kind == "call_function" and target is getattr and args[1] in METADATA)
             or (
                 kind == "call_function"
                 and bool(nodes)
