@@ -27,14 +27,17 @@ from tests.user_models import (
     DataDependent,
     FeatureNet,
     InceptionNet,
+    IncomeClassifier,
     KimCNN,
     MaxOfBranches,
     MnistExampleNet,
     QuickstartNet,
+    Regressor,
     Reordered,
     ShapeBranches,
     SmallResNet,
     SqueezeExcite,
+    SummedOutput,
     TextCNN,
     TiedNet,
     TinyMobileNet,
@@ -541,6 +544,39 @@ def test_neurons_an_operation_without_a_rule_reads_are_matched_by_index_and_fusi
     with pytest.warns(UserWarning, match=r"level 'fc': its neurons are matched by index, not grouped \(the"):
         result = fuse([Transposed(), Transposed()], calibration)
     assert result.report.levels[0].grouping == "index"
+
+
+@pytest.mark.parametrize(
+    ("model", "features"), [(IncomeClassifier, 14), (Regressor, 8)], ids=["sigmoid", "squeezed"]
+)
+def test_a_model_with_one_output_fuses_back_whether_it_returns_n_by_1_or_n_values(
+    model: type[nn.Module], features: int
+) -> None:
+    """Flower's tabular example returns one sigmoid score per sample, [N, 1]; a regressor often squeezes
+    its one output neuron to [N]. Either way that neuron is the output, matched by index."""
+    torch.manual_seed(0)
+    parent = model().eval()
+    calibration = torch.randn(600, features)
+    result = fuse([parent, permuted_copy(parent, seed=1, example=calibration)], calibration, EXACT)
+    assert result.report.levels[-1].grouping == "index"
+    assert_same_function(result.model, parent, torch.randn(100, features), tolerance=1e-4)
+
+
+def test_labels_cannot_index_a_single_output_so_they_are_set_aside_with_a_warning() -> None:
+    torch.manual_seed(0)
+    parents = [IncomeClassifier().eval() for _ in range(2)]
+    inputs = torch.randn(300, 14)
+    labels = (inputs[:, 0] > 0).long()
+    with pytest.warns(UserWarning, match="IncomeClassifier has one output, which no class label indexes"):
+        labelled = fuse(parents, (inputs, labels)).model
+    unlabelled = fuse(parents, inputs).model
+    for key, value in labelled.state_dict().items():
+        assert torch.equal(value, unlabelled.state_dict()[key]), key
+
+
+def test_an_output_that_mixes_the_last_layers_neurons_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="SummedOutput's output is no layer's neurons as they are"):
+        fuse([SummedOutput(), SummedOutput()], torch.randn(64, 8))
 
 
 def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:

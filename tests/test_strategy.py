@@ -183,6 +183,70 @@ def test_the_fused_model_classifies_as_well_as_the_clients_did(strategy, client_
     assert accuracy(arrays, x, y) > 0.9
 
 
+def test_a_binary_classifier_with_one_sigmoid_output_is_screened_and_fused_without_its_labels():
+    """Flower's tabular example: one sigmoid score per sample, trained with BCE. The labelled calibration
+    set indexes no class of it, so the strategy screens and fuses on the inputs alone."""
+    from tests.user_models import IncomeClassifier
+
+    def income_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 14, generator=generator)
+        return x, (x[:, 0] + x[:, 1] > 0).long()
+
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = IncomeClassifier()
+        x, y = income_data(200, 100 + seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(60):
+            optimizer.zero_grad()
+            nn.functional.binary_cross_entropy(model(x).squeeze(1), y.float()).backward()
+            optimizer.step()
+        states.append(model.state_dict())
+    with pytest.warns(UserWarning, match="one output, which no class label indexes"):
+        strategy = FedFuse(model_fn=IncomeClassifier, calibration=income_data(150, 7))
+    arrays, metrics = strategy.aggregate_train(1, [reply(n, state) for n, state in enumerate(states)])
+
+    assert arrays is not None and metrics["fusion-clients"] == 3
+    fused = IncomeClassifier()
+    fused.load_state_dict(arrays.to_torch_state_dict())
+    x, y = income_data(1000, 99)
+    with torch.no_grad():
+        assert float(((fused(x).squeeze(1) > 0.5).long() == y).float().mean()) > 0.9
+
+
+def test_a_regressor_returning_one_value_per_sample_is_screened_and_fused():
+    from tests.user_models import Regressor
+
+    def curve(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+        return x, 2 * x[:, 0] + x[:, 1].square()
+
+    states, errors = [], []
+    x_test, y_test = curve(500, 99)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = Regressor()
+        x, y = curve(200, 100 + seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(150):
+            optimizer.zero_grad()
+            (model(x) - y).square().mean().backward()
+            optimizer.step()
+        states.append(model.state_dict())
+        with torch.no_grad():
+            errors.append(float((model(x_test) - y_test).square().mean()))
+    strategy = FedFuse(model_fn=Regressor, calibration=curve(150, 7)[0])
+    arrays, metrics = strategy.aggregate_train(1, [reply(n, state) for n, state in enumerate(states)])
+
+    assert arrays is not None and metrics["fusion-clients"] == 3
+    fused = Regressor()
+    fused.load_state_dict(arrays.to_torch_state_dict())
+    with torch.no_grad():
+        assert float((fused(x_test) - y_test).square().mean()) < np.mean(errors)
+
+
 def values(state: dict[str, torch.Tensor]) -> bytes:
     return b"".join(tensor.numpy().tobytes() for tensor in state.values())
 

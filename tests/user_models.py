@@ -416,3 +416,45 @@ class MaxOfBranches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(torch.maximum(self.a(x), self.b(x))))
+
+
+class IncomeClassifier(nn.Module):
+    """Flower's fl-tabular example's model, as written there: one sigmoid output for two classes."""
+
+    def __init__(self, input_dim: int = 14) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(input_dim, 128)
+        self.layer2 = nn.Linear(128, 64)
+        self.output = nn.Linear(64, 1)
+        self.relu = nn.ReLU()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.layer1(x))
+        x = self.relu(self.layer2(x))
+        return self.sigmoid(self.output(x))
+
+
+class Regressor(nn.Module):
+    """A regression model returning one value per sample, ``[N]``: its one output neuron squeezed."""
+
+    def __init__(self, input_dim: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(input_dim, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class SummedOutput(nn.Module):
+    """Returns the sum of its last layer's neurons: which neuron is which class cannot be told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(x))).sum(1)

@@ -103,6 +103,10 @@ class CalibrationSet:
                 break
         return torch.cat(inputs), torch.cat(labels)
 
+    def without_labels(self) -> CalibrationSet:
+        """The same inputs, in the same batches, without their labels."""
+        return CalibrationSet([inputs for inputs, _ in _unpacked(self._source)], batch_size=1)
+
     def check_labels(self, classes: int) -> None:
         """Labels must be class indices of a model with ``classes`` outputs.
 
@@ -148,7 +152,8 @@ def _check_batch(inputs: Tensor, labels: Tensor | None, where: str) -> None:
         raise TypeError(f"{where}: labels must be a tensor or None, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
-            f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}"
+            f"{where}: labels must be a 1-D tensor of class indices, got {labels.dtype} "
+            f"{tuple(labels.shape)} (for models that output a value to regress, pass the inputs alone)"
         )
     if len(labels) != len(inputs):
         raise ValueError(f"{where}: {len(inputs)} inputs but {len(labels)} labels")

@@ -442,7 +442,7 @@ class _Propagation(fx.Interpreter):
 
     def _tie_output(self, node: fx.Node) -> None:
         for arg in node.all_input_nodes:
-            annotation = self.map.annotations.get(arg.name)
+            annotation = self._output_annotation(arg)
             if isinstance(annotation, Concatenated):
                 raise ValueError(
                     "the model's output concatenates the outputs of several layers; fusion needs one layer "
@@ -452,6 +452,18 @@ class _Propagation(fx.Interpreter):
                 stream = self.map.find(annotation.space)
                 self.map.outputs |= {space for space in self.map.parents if self.map.find(space) == stream}
                 self.map.join(stream, FIXED)
+
+    def _output_annotation(self, node: fx.Node) -> Annotation:
+        """What the model's output carries. One output neuron reshaped away (a regression value or a
+        binary logit returned by ``.squeeze(-1)`` or ``.view(-1)``) is still that neuron: an output no rule
+        follows is traced back through operations of one input to a space of width 1."""
+        output = annotation = self.map.annotations.get(node.name)
+        while annotation is UNKNOWN and len(node.all_input_nodes) == 1:
+            node = node.all_input_nodes[0]
+            annotation = self.map.annotations.get(node.name)
+        if isinstance(annotation, Channels) and self.map.widths[annotation.space] == 1:
+            return annotation
+        return output
 
     def _first(self, node: fx.Node) -> Annotation:
         return self.map.annotations.get(node.all_input_nodes[0].name)

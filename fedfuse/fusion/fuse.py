@@ -107,6 +107,7 @@ def fuse(
     calibration_set = CalibrationSet(calibration, config.batch_size)
     parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
     plan, example = _plan(parents[0], calibration_set, config, levels)
+    calibration_set = labelled_as_classes(calibration_set, plan)
     if _forward_only(config) and _runs_channels_last(parents[0], example):
         parents = [parent.to(memory_format=torch.channels_last) for parent in parents]
     _check_width(config, len(models), plan)
@@ -210,7 +211,31 @@ def check_fusable(
     if parameter is None:
         raise ValueError("the model has no parameters to fuse")
     calibration_set = CalibrationSet(calibration, config.batch_size)
-    return _plan(copy.deepcopy(model).eval(), calibration_set, config, levels)[0]
+    plan = _plan(copy.deepcopy(model).eval(), calibration_set, config, levels)[0]
+    labelled_as_classes(calibration_set, plan)
+    return plan
+
+
+def labelled_as_classes(calibration: CalibrationSet, plan: LevelPlan) -> CalibrationSet:
+    """The calibration set whose labels, if any, index the models' classes.
+
+    A model with one output (a value to regress, or one score for two classes, be it a logit or a
+    probability) has no classes for labels to index, and fusion cannot tell which score a label means:
+    its labels are set aside, with a warning, and fusion uses the inputs alone (parents weighted
+    equally unless weights are given, each attributed on its own output).
+
+    Raises:
+        ValueError: labels outside the classes of a model with several outputs.
+    """
+    if plan.output_width == 1 and calibration.has_labels:
+        warnings.warn(
+            f"{plan.model} has one output, which no class label indexes: its calibration labels are not "
+            "used (no per-class weights; parents weighted equally unless weights are given)",
+            stacklevel=3,
+        )
+        return calibration.without_labels()
+    calibration.check_labels(plan.output_width)
+    return calibration
 
 
 def fuse_level(index: int, level: Level, context: FusionContext) -> LevelReport:
@@ -249,7 +274,6 @@ def _plan(
                     "the operation with one fusion has a rule for (docs/fusion.md), or declare the levels",
                     stacklevel=3,
                 )
-    calibration.check_labels(plan.output_width)
     return plan, example
 
 

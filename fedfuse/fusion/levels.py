@@ -172,8 +172,25 @@ class LevelPlan:
 
     @property
     def output_width(self) -> int:
-        """The model's classes: the width of its output space."""
-        return next(space.width for space in self.spaces.values() if space.classes)
+        """The model's classes (1 for a model returning one value per sample): its output space's width."""
+        return self.classes.width
+
+    @property
+    def classes(self) -> Space:
+        """The space of the model's output, its classes.
+
+        Raises:
+            ValueError: no layer's neurons reach the output as they are (the forward sums them, or
+                flattens them across the batch): fusion cannot tell which neuron is which class.
+        """
+        for space in self.spaces.values():
+            if space.classes:
+                return space
+        raise ValueError(
+            f"{self.model}'s output is no layer's neurons as they are (an operation without a rule mixes "
+            "them, e.g. a sum over them or a flatten across the batch), so fusion cannot tell its classes "
+            "apart; return the output layer's values, [N, classes], or [N] for one output"
+        )
 
     def variants(self, level: Level) -> tuple[str, ...]:
         return ("linear", "gradient") if level.closed_form else ("gradient",)
@@ -198,6 +215,7 @@ class LevelPlan:
             ValueError: naming the levels that only the gradient variant fits, and why; or why the
                 width cannot change.
         """
+        _ = self.classes  # an output whose classes cannot be told is refused whatever the variant
         if width_multiplier != 1 and not self.resizable:
             raise ValueError(
                 "width_multiplier resizes traced models whose levels are all dense layers; "

@@ -210,6 +210,9 @@ class FedFuse(FedAvg):
         # Read once (a DataLoader is read when the set is built): every round's screening, fusions and
         # guard share these batches.
         self._calibration_set = CalibrationSet(calibration, self.fusion_config.batch_size)
+        if self.plan.output_width == 1 and self._calibration_set.has_labels:
+            # One output indexes no class (check_fusable said so): screening, fusion and guard go unlabelled.
+            self._calibration_set = self._calibration_set.without_labels()
         # The global model sent out by the last configure_train: replies must match its keys, shapes
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None

@@ -270,7 +270,7 @@ def _measure_one(
         model.eval()
         with torch.no_grad():
             for inputs, labels in calibration.batches(parameter.device, parameter.dtype):
-                logits = model(inputs).double().cpu()
+                logits = model(inputs).double().cpu().reshape(len(inputs), -1)  # [N] for one output
                 samples += len(inputs)
                 squares += float(logits.square().mean(1).sum())
                 if labels is not None and finite:
