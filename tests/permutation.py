@@ -19,13 +19,19 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
     plan = plan_levels(copy.deepcopy(model).eval(), inputs[:8])
     generator = torch.Generator().manual_seed(seed)
     orders = {
-        name: torch.randperm(space.width, generator=generator)
+        name: _order(space.width, _norm_groups(model, plan, name), generator)
         for name, space in plan.spaces.items()
         if not space.fixed
     }
     permuted = copy.deepcopy(model)
     with torch.no_grad():
         for level in plan.levels:
+            if level.kind == "per_channel":  # its per-channel parameters follow the channels
+                if level.space in orders:
+                    for value in permuted.get_submodule(level.modules[0]).parameters():
+                        if value.numel() > 1:
+                            value.copy_(value[orders[level.space]])
+                continue
             layer = permuted.get_submodule(level.layer)
             if level.space in orders and level.kind == "embedding":  # its neurons are its columns
                 layer.weight.copy_(layer.weight[:, orders[level.space]])
@@ -52,6 +58,26 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
             "the permutation changed the function"
         )
     return permuted
+
+
+def _norm_groups(model: nn.Module, plan, space: str) -> int:
+    """How many groups of neighbouring channels a GroupNorm in ``space`` normalises together (1: none)."""
+    groups = [
+        model.get_submodule(level.modules[0]).num_groups
+        for level in plan.levels
+        if level.space == space and isinstance(model.get_submodule(level.modules[0]), nn.GroupNorm)
+    ]
+    return groups[0] if groups else 1
+
+
+def _order(width: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``width`` channels that keeps ``groups`` blocks of neighbours together (a
+    GroupNorm's groups, shuffled, each shuffled within): the permutations a GroupNorm allows."""
+    if groups == 1:
+        return torch.randperm(width, generator=generator)
+    size = width // groups
+    blocks = torch.randperm(groups, generator=generator)
+    return torch.cat([block * size + torch.randperm(size, generator=generator) for block in blocks])
 
 
 def _permute_inputs(layer: nn.Module, order: torch.Tensor) -> None:

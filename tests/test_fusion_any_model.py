@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,11 +27,14 @@ from tests.user_models import (
     ConcatenatedOutput,
     DataDependent,
     FeatureNet,
+    GroupNormResNet,
     InceptionNet,
     IncomeClassifier,
     KimCNN,
+    LayerNormMLP,
     MaxOfBranches,
     MnistExampleNet,
+    PReLUNet,
     QuickstartNet,
     Regressor,
     Reordered,
@@ -579,15 +583,67 @@ def test_an_output_that_mixes_the_last_layers_neurons_is_refused_by_name() -> No
         fuse([SummedOutput(), SummedOutput()], torch.randn(64, 8))
 
 
+def _with_affine_parameters_drawn(model: nn.Module) -> nn.Module:
+    """Norms and PReLUs start at ones and zeros; trained ones are not."""
+    with torch.no_grad():
+        for name, value in model.named_parameters():
+            if "gn" in name or "ln" in name or "act" in name:
+                value.uniform_(0.5, 1.5) if name.endswith("weight") else value.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+@pytest.mark.parametrize(
+    ("model", "shape", "per_channel"),
+    [
+        (GroupNormResNet, (3, 8, 8), ["gn", "gn1", "gn2"]),
+        (LayerNormMLP, (20,), ["ln1", "ln2"]),
+        (PReLUNet, (1, 8, 8), ["act1", "act2"]),
+    ],
+    ids=["groupnorm-resnet", "layernorm-mlp", "prelu"],
+)
+def test_norms_and_prelus_are_levels_of_per_channel_parameters_and_fuse_back(
+    model: type[nn.Module], shape: tuple[int, ...], per_channel: list[str], variant: str
+) -> None:
+    """A GroupNorm, LayerNorm or PReLU keeps its input's channels and is affine in its per-channel
+    parameters: a level of its own in its input's stream, fitted channel by channel in closed form
+    (shared slopes as one problem). A GroupNorm's copies are permuted group by group, as it allows."""
+    torch.manual_seed(0)
+    parent = _with_affine_parameters_drawn(model()).eval()
+    calibration = torch.randn(800, *shape)
+    permuted = permuted_copy(parent, seed=1, example=calibration)
+    result = fuse([parent, permuted], calibration, replace(EXACT, variant=variant))
+    kinds = {level.name: level.kind for level in result.report.levels}
+    assert [name for name, kind in kinds.items() if kind == "per_channel"] == per_channel
+    assert "block" not in kinds.values()
+    assert_same_function(result.model, parent, torch.randn(100, *shape), tolerance=1e-4)
+
+
+def test_a_per_channel_modules_features_rebuild_its_output_for_any_parameters() -> None:
+    """The closed form rests on the module's output being offset + Σ parameter · feature."""
+    from fedfuse.fusion.per_channel import parameter_features
+
+    inputs = torch.randn(5, 8, 3, 3)
+    for module in (nn.GroupNorm(2, 8), nn.PReLU(8), nn.InstanceNorm2d(8, affine=True)):
+        offset, features = parameter_features(module, inputs, axis=1)
+        with torch.no_grad():
+            for value in module.parameters():
+                value.normal_()
+            expected = module(inputs).movedim(1, -1).reshape(-1, 8)
+        parameters = torch.stack([value.expand(8) for value in module.parameters()], dim=-1)
+        assert torch.allclose(offset + (features * parameters).sum(-1), expected, atol=1e-5)
+
+
 def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:
     from fedfuse.models import build_model
 
     vit = build_model("vit", in_channels=1, image_size=8, num_classes=10, seed=0, dim=16, depth=1).eval()
     images = torch.rand(64, 1, 8, 8)
-    with pytest.raises(ValueError, match=r"only the gradient variant fits.*LayerNorm"):
+    with pytest.raises(ValueError, match=r"only the gradient variant fits.*cls_token"):
         fuse([vit, copy.deepcopy(vit)], images)
     result = fuse([vit, copy.deepcopy(vit)], images, FusionConfig(variant="gradient", epochs=2))
-    assert {level.kind for level in result.report.levels} == {"conv2d", "block", "linear"}
+    # The head's LayerNorm, alone between the stream and the classifier, is a level of its own.
+    assert {level.kind for level in result.report.levels} == {"conv2d", "block", "per_channel", "linear"}
 
 
 def test_levels_declared_by_argument_override_tracing(quickstart) -> None:

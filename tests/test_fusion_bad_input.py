@@ -129,9 +129,9 @@ def test_config_values_are_validated_at_the_boundary(field: str, value: object, 
 @pytest.mark.parametrize(
     ("model", "inputs", "message"),
     [
-        (
-            nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)),
-            CALIBRATION,
+        (  # a layer norm over channels and positions: its parameters are per position
+            nn.Sequential(nn.Conv2d(6, 8, 1), nn.LayerNorm([8, 1, 1]), nn.Flatten(), nn.Linear(8, 3)),
+            CALIBRATION.view(64, 6, 1, 1),
             r"module '1' \(LayerNorm\) holds parameters that only the gradient variant fits",
         ),
         (

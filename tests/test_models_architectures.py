@@ -97,15 +97,19 @@ def test_a_block_sharing_a_stream_keeps_its_input_shape_and_adds_into_it() -> No
     assert projecting.projects and projecting(x).shape == (2, 12, 3, 3)
 
 
-def test_vit_blocks_are_traced_as_blocks_of_the_embedding_stream_and_keep_the_token_shape() -> None:
+def test_vit_attention_is_a_block_of_the_embedding_stream_and_its_mlp_is_fitted_in_closed_form() -> None:
     model = ViT(in_channels=1, num_classes=10, image_size=28, patch_size=4, dim=32, depth=3, heads=4)
     plan = describe_levels(model, torch.rand(2, 1, 28, 28))
     stream = plan.spaces["embed.projection"]
-    halves = [f"blocks.{i}[norm1..attention.out]" for i in range(3)] + [
-        f"blocks.{i}[norm2..mlp.2]" for i in range(3)
-    ]
-    assert set(halves) <= set(stream.levels)
-    assert all(plan.variants(level) == ("gradient",) for level in plan.levels if level.name in halves)
+    attention = [f"blocks.{i}[norm1..attention.out]" for i in range(3)]
+    mlp = [f"blocks.{i}.{part}" for i in range(3) for part in ("norm2", "mlp.0", "mlp.2")]
+    kinds = {level.name: level.kind for level in plan.levels}
+    assert set(attention) <= set(stream.levels)
+    assert all(plan.variants(level) == ("gradient",) for level in plan.levels if level.name in attention)
+    assert [kinds[name] for name in mlp] == ["per_channel", "linear", "linear"] * 3
+    assert {f"blocks.{i}.norm2" for i in range(3)} | {f"blocks.{i}.mlp.2" for i in range(3)} <= set(
+        stream.levels
+    )
     assert all(isinstance(block, TransformerBlock) for block in model.blocks)
     tokens = model.embed(torch.rand(2, 1, 28, 28))
     assert tokens.shape == (2, 7 * 7 + 1, 32)

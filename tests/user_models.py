@@ -458,3 +458,57 @@ class SummedOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.fc(x))).sum(1)
+
+
+class GroupNormResNet(nn.Module):
+    """A residual CNN with GroupNorm in place of BatchNorm, as federated learning often writes it (batch
+    statistics of non-IID clients disagree): the second norm of the block feeds the residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(4, 16)
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn(self.stem(x)))
+        out = F.relu(self.gn1(self.conv1(x)))
+        x = F.relu(self.gn2(self.conv2(out)) + x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LayerNormMLP(nn.Module):
+    """An MLP with a LayerNorm after each hidden layer and a pre-norm residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.ln1 = nn.LayerNorm(32)
+        self.ln2 = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 48)
+        self.fc3 = nn.Linear(48, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.ln1(self.fc1(x)))
+        h = h + self.fc3(F.gelu(self.fc2(self.ln2(h))))
+        return self.head(h)
+
+
+class PReLUNet(nn.Module):
+    """PReLU activations: one slope per channel after a convolution, one shared slope after a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.act1 = nn.PReLU(8)
+        self.fc1 = nn.Linear(8 * 6 * 6, 24)
+        self.act2 = nn.PReLU()
+        self.fc2 = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act2(self.fc1(self.act1(self.conv(x)).flatten(1))))

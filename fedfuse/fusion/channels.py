@@ -129,6 +129,21 @@ REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin"})
 # tensor, an element-wise operation.
 EXTREMA_FUNCTIONS: frozenset[Callable] = frozenset({torch.max, torch.min})
 EXTREMA_METHODS: frozenset[str] = frozenset({"max", "min"})
+# Modules with per-channel parameters (or none) that keep the channels on their axis (-1: the last),
+# with the attribute (or function) giving how many channels they hold: levels of their own, affine in
+# their parameters (`fedfuse.fusion.per_channel`). A GroupNorm normalises groups of neighbouring channels,
+# which stay whole as the fused channels come in the reference parent's order; a layer norm over several
+# axes is not here: its parameters are per position.
+CHANNEL_PARAMETERS: dict[type[nn.Module], tuple[int, str | Callable[[nn.Module], int]]] = {
+    nn.LayerNorm: (
+        -1,
+        lambda module: module.normalized_shape[0] if len(module.normalized_shape) == 1 else -1,
+    ),
+    nn.GroupNorm: (1, "num_channels"),
+    nn.PReLU: (1, "num_parameters"),
+    nn.InstanceNorm1d: (1, "num_features"),
+    nn.InstanceNorm2d: (1, "num_features"),
+}
 # Attributes of a tensor that are the same tensor.
 SAME_TENSOR_ATTRIBUTES: frozenset[str] = frozenset({"data"})
 # Element-wise binary operations, with broadcasting.
@@ -157,8 +172,8 @@ class LayerCall:
 
     Attributes:
         node: the layer's graph node.  module: its qualified module name.
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"`` or
-            ``"embedding"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"``,
+            ``"embedding"`` or ``"per_channel"`` (a module with per-channel parameters, `CHANNEL_PARAMETERS`).
         width: output channels.
         space: the space its output channels make (before streams are joined).
         input: the annotation of the layer's input (for re-indexing weights through a grouping).
@@ -336,13 +351,14 @@ class _Propagation(fx.Interpreter):
             return self._embedding(node, name, module, source, value)
         if isinstance(module, _BatchNorm) and plain_forward(module):
             return self._batchnorm(node, name, module, source)
+        if plain_forward(module) and _keeps_channels(module, source, value):
+            # Without affine parameters a norm only transforms channels in place: nothing to fit.
+            return self._per_channel(node, name, source) if any(True for _ in module.parameters()) else source
         if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.parameters()):
             kind = type(module).__name__
-            self._opaque(
+            return self._opaque(
                 node, f"module '{name}' ({kind}) holds parameters that only the gradient variant fits"
             )
-            channelwise = isinstance(module, nn.LayerNorm) and _last_axis(source, value)
-            return source if channelwise else UNKNOWN
         if not isinstance(source, CARRYING):
             return source if source in (None, TIED) else UNKNOWN
         if isinstance(module, PRESERVING_MODULES):
@@ -397,6 +413,15 @@ class _Propagation(fx.Interpreter):
         kind = f"depthwise{value.dim() - 2}d"
         self.map.layers[node.name] = LayerCall(node.name, name, kind, module.out_channels, space, source)
         return Channels(space, 1)
+
+    def _per_channel(self, node: fx.Node, name: str, source: Annotation) -> Annotation:
+        """A module with per-channel parameters (a LayerNorm, GroupNorm, InstanceNorm, PReLU): a level of
+        its own whose channels are its input's, in one stream with them, like a depthwise convolution's."""
+        assert isinstance(source, Channels)
+        width = self.map.widths[source.space]
+        space = self.map.join(self.map.new_space(width), source.space)
+        self.map.layers[node.name] = LayerCall(node.name, name, "per_channel", width, space, source)
+        return source
 
     def _embedding(
         self, node: fx.Node, name: str, module: nn.Embedding, source: Annotation, value: Tensor
@@ -710,7 +735,7 @@ def _reads_input_values(node: fx.Node) -> bool:
 
 def plain_forward(module: nn.Module) -> bool:
     """Whether ``module`` computes what its torch.nn class does (a subclass may override forward)."""
-    for base in (*LAYERS, nn.Embedding, _BatchNorm):
+    for base in (*LAYERS, nn.Embedding, _BatchNorm, *CHANNEL_PARAMETERS):
         if isinstance(module, base):
             return type(module).forward is next(
                 cls.forward for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn")
@@ -720,3 +745,19 @@ def plain_forward(module: nn.Module) -> bool:
 
 def _last_axis(source: Annotation, value: Any) -> bool:
     return isinstance(source, Channels) and isinstance(value, Tensor) and source.axis == value.dim() - 1
+
+
+def _keeps_channels(module: nn.Module, source: Annotation, value: Any) -> bool:
+    """Whether a module with parameters keeps its input's channels where they were, channel c of its
+    output being channel c of its input transformed with channel c's parameters (`CHANNEL_PARAMETERS`),
+    and any statistics it normalises by taken over channels in order (a GroupNorm's groups)."""
+    if not isinstance(source, Channels) or source.positions != 1 or not isinstance(value, Tensor):
+        return False
+    for kind, (axis, count) in CHANNEL_PARAMETERS.items():
+        if isinstance(module, kind):
+            width = getattr(module, count) if isinstance(count, str) else count(module)
+            if isinstance(module, nn.PReLU) and width == 1:
+                return True  # one slope for every channel, wherever they are
+            at = value.dim() - 1 if axis == -1 else axis
+            return source.axis == at and value.shape[at] == width
+    return False

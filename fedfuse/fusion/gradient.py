@@ -27,6 +27,7 @@ from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
+from fedfuse.fusion.per_channel import aligned_parameters, write_parameters
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import layer_map, rows_of
@@ -64,7 +65,10 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     parent_norm = statistics.mean(_norm(parent, level) for parent in context.parents)
     if context.config.level_init == "fresh":
         _reinitialise(owners, seed=context.config.seed + index)
-    elif level.closed_form:
+    elif level.kind == "per_channel" and context.config.prior != "zero":  # the members' mix
+        members = [parent.get_submodule(level.modules[0]) for parent in context.parents]
+        write_parameters(owners[0], aligned_parameters(members, grouping.shares))
+    elif level.layer is not None:
         _start_from_prior(level, fused_level, grouping, inputs, context)
     weights = grouping.group_weights / grouping.group_weights.mean()
     config = context.config

@@ -47,7 +47,7 @@ from fedfuse.fusion.declared import LevelSpec, declared_levels
 from fedfuse.fusion.tracing import input_node, output_node, trace
 
 #: The kinds of level the closed-form (linear) variant fits.
-LAYER_KINDS = ("linear", "conv1d", "conv2d", "depthwise1d", "depthwise2d", "embedding")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "depthwise1d", "depthwise2d", "embedding", "per_channel")
 #: Layers whose neuron c reads input channel c alone: fitted channel by channel, in their input's stream.
 CHANNELWISE_KINDS = ("depthwise1d", "depthwise2d")
 
@@ -61,8 +61,10 @@ class Level:
             modules' common prefix with the first and last of them.
         kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"depthwise1d"``, ``"depthwise2d"``,
             ``"embedding"`` (a layer that the closed form fits; a depthwise one channel by channel, an
-            embedding of the input's token ids exactly by its aligned average) or ``"block"`` (fitted
-            by the gradient variant only).
+            embedding of the input's token ids exactly by its aligned average), ``"per_channel"`` (a
+            module with per-channel parameters its output is affine in: a LayerNorm, GroupNorm or
+            InstanceNorm, a PReLU; `fedfuse.fusion.per_channel`) or ``"block"`` (fitted by the gradient
+            variant only).
         width: its neurons: output features or channels.
         space: the name of the space its neurons live in (the level's own name, or the stream's).
         layer, norm: the Linear/Conv module and the BatchNorm folded into it (layers only).
@@ -102,7 +104,8 @@ class Level:
 
     @property
     def closed_form(self) -> bool:
-        """Whether the linear variant can fit it (a Linear or convolution, BatchNorm folded in)."""
+        """Whether the linear variant can fit it (a Linear or convolution, BatchNorm folded in; an
+        embedding; a module with per-channel parameters)."""
         return self.kind in LAYER_KINDS
 
     @property
@@ -204,6 +207,7 @@ class LevelPlan:
             level.closed_form
             and not level.channelwise
             and not level.concatenated
+            and level.layer is not None
             and level.kind != "embedding"
             for level in self.levels
         )
@@ -514,7 +518,7 @@ class _TracedPlanner:
             kind=call.kind,
             width=call.width,
             space="",
-            layer=call.module,
+            layer=None if call.kind == "per_channel" else call.module,
             norm=call.norm,
             parameters=tuple(parameters),
             input=node.all_input_nodes[0].name,

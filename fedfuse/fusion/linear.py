@@ -6,14 +6,16 @@ from __future__ import annotations
 import statistics as stats_
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import solve_channels, solve_level, write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
+from fedfuse.fusion.per_channel import aligned_parameters, parameter_features, shared, write_parameters
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import (
@@ -37,10 +39,6 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     """Fit one Linear/Conv level (BatchNorm folded in) in closed form and write it into the fused model."""
     seconds: dict[str, float] = {}
     config = context.config
-    fused_level = context.fused_level(level)
-    assert fused_level.layer is not None and level.layer is not None
-    layer = context.fused.get_submodule(fused_level.layer)
-    norm = context.fused.get_submodule(fused_level.norm) if fused_level.norm else None
     space = context.plan.spaces[level.space]
     grouping = context.groupings.get(space.name)
     method = "stream" if grouping is not None else None
@@ -52,12 +50,25 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
     if level.kind == "embedding":
         return fit_lookup(level, grouping, method or grouping.method, seconds, context)
+    if level.kind == "per_channel":
+        return _fit_per_channel(level, grouping, method or grouping.method, seconds, context)
+    fused_level = context.fused_level(level)
+    assert fused_level.layer is not None and level.layer is not None
+    layer = context.fused.get_submodule(fused_level.layer)
+    norm = context.fused.get_submodule(fused_level.norm) if fused_level.norm else None
     # Label and log-probability targets of the classes are no linear mix of the parents' logits: they are
     # computed per batch (`class_targets`).
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
 
     clock = time.perf_counter()
-    stats = _statistics(level, layer, context, grouping, direct)
+    width = fused_level.width
+    stats: LevelStatistics | ChannelStatistics = (
+        ChannelStatistics(width, layer_fan_in(layer), context.device)
+        if level.channelwise
+        else LevelStatistics(layer_fan_in(layer), width, context.device)
+    )
+    unfold = channel_inputs if level.channelwise else layer_inputs
+    _statistics(level, stats, lambda inputs: (unfold(layer, inputs), None), context, grouping, direct)
     seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
     if space.levels[-1] == level.name:
         context.forget_targets(space)
@@ -103,17 +114,17 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
 
 
 def _statistics(
-    level: Level, layer: nn.Module, context: FusionContext, grouping: SpaceGrouping, direct: str | None
-) -> LevelStatistics | ChannelStatistics:
-    """One pass: the fused model's inputs to the level against its targets (the group targets, or the
-    classes' own target when ``direct`` names one, `class_targets`; minus the fused residual terms)."""
-    width = context.fused_level(level).width
-    stats: LevelStatistics | ChannelStatistics = (
-        ChannelStatistics(width, layer_fan_in(layer), context.device)
-        if level.channelwise
-        else LevelStatistics(layer_fan_in(layer), width, context.device)
-    )
-    unfold = channel_inputs if level.channelwise else layer_inputs
+    level: Level,
+    stats: LevelStatistics | ChannelStatistics,
+    rows: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    context: FusionContext,
+    grouping: SpaceGrouping,
+    direct: str | None,
+) -> None:
+    """One pass adding to ``stats`` the fused model's inputs to the level, as ``rows`` makes them (with
+    what the level adds of itself, subtracted from the targets), against its targets (the group targets,
+    or the classes' own target when ``direct`` names one, `class_targets`; minus the fused residual
+    terms)."""
     shares = grouping.shares.to(context.device, context.dtype).split(context.plan.spaces[level.space].width)
     places = [level.input, *level.residual]
     parents = len(context.parents)
@@ -139,6 +150,61 @@ def _statistics(
             assert isinstance(target, Tensor)
             if terms:
                 target = target - rows_of(torch.stack(terms).sum(0), level.axis).double()
-            stats.add(unfold(layer, fused_input), target)
+            features, offset = rows(fused_input)
+            if offset is not None:  # in the rows the features lay out
+                target = (target - offset).reshape(features.shape[0], -1)
+            stats.add(features, target)
     context.keep(collected, level.target)
-    return stats
+
+
+def _fit_per_channel(
+    level: Level, grouping: SpaceGrouping, method: str, seconds: dict[str, float], context: FusionContext
+) -> LevelReport:
+    """Fit a module's per-channel parameters (a norm's scale and shift, a PReLU's slopes) in closed form,
+    channel by channel (`fedfuse.fusion.per_channel`), pulled toward the members' mix."""
+    module = context.fused.get_submodule(context.fused_level(level).modules[0])
+    one = shared(module)
+    parameters = sum(1 for _ in module.parameters())
+    width = context.fused_level(level).width
+    stats = ChannelStatistics(1 if one else width, parameters, context.device)
+
+    def rows(inputs: Tensor) -> tuple[Tensor, Tensor]:
+        offset, features = parameter_features(module, inputs, level.axis)
+        if one:  # one problem over every channel: a row per sample, position and channel
+            return features.reshape(-1, 1, parameters), offset
+        return features, offset
+
+    clock = time.perf_counter()
+    _statistics(level, stats, rows, context, grouping, None)
+    seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
+    space = context.plan.spaces[level.space]
+    if space.levels[-1] == level.name:
+        context.forget_targets(space)
+
+    clock = time.perf_counter()
+    parents = [parent.get_submodule(level.modules[0]) for parent in context.parents]
+    prior = None
+    if context.config.prior != "zero":
+        prior = aligned_parameters(parents, grouping.shares).to(context.device)
+    fit = solve_channels(stats, context.config.ridge, with_bias=False, prior=prior)
+    write_parameters(module, fit.weight)
+    seconds["solve"] = time.perf_counter() - clock
+    return LevelReport(
+        name=level.name,
+        kind=level.kind,
+        neurons=width,
+        fan_in=parameters,
+        rows=stats.rows,
+        grouping=method,
+        grouping_cost=grouping.costs[level.target],
+        fit_r2=fit.r2,
+        seconds=seconds,
+        space=level.space,
+        rank=fit.rank,
+        live_inputs=fit.live,
+        weight_norm=float(fit.weight.norm()),
+        parent_weight_norm=stats_.mean(
+            float(torch.cat([p.detach().double().flatten() for p in parent.parameters()]).norm())
+            for parent in parents
+        ),
+    )
