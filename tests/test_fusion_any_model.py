@@ -34,6 +34,7 @@ from tests.user_models import (
     LayerNormMLP,
     MaxOfBranches,
     MnistExampleNet,
+    NormalisingNet,
     PReLUNet,
     QuickstartNet,
     Regressor,
@@ -632,6 +633,19 @@ def test_a_per_channel_modules_features_rebuild_its_output_for_any_parameters() 
             expected = module(inputs).movedim(1, -1).reshape(-1, 8)
         parameters = torch.stack([value.expand(8) for value in module.parameters()], dim=-1)
         assert torch.allclose(offset + (features * parameters).sum(-1), expected, atol=1e-5)
+
+
+def test_buffers_and_literal_tensors_of_the_forward_are_computed_for_each_model_not_baked_in() -> None:
+    """fx keeps ``self.mean.view(...)`` and ``torch.tensor([0.5])`` as attributes of the model it traced,
+    which the parents and the fused model lack: fusion failed with an AttributeError. The buffer is now
+    read from each model and the literal made again by the graph."""
+    torch.manual_seed(0)
+    model = NormalisingNet().eval()
+    calibration = torch.randn(400, 1, 8, 8)
+    plan = describe_levels(model, calibration[:8])
+    assert {node.target for node in plan.graph.nodes if node.op == "get_attr"} == {"mean", "std"}
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(50, 1, 8, 8), tolerance=1e-4)
 
 
 def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:

@@ -512,3 +512,19 @@ class PReLUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act2(self.fc1(self.act1(self.conv(x)).flatten(1))))
+
+
+class NormalisingNet(nn.Module):
+    """Normalises its input with buffers (MNIST's mean and std), reshaped in the forward, and shifts it by
+    a tensor made from literals: what fx would otherwise bake in as constants of the traced model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1307]))
+        self.register_buffer("std", torch.tensor([0.3081]))
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1) + torch.tensor([0.5])
+        return self.fc(F.relu(self.conv(x)).flatten(1))

@@ -36,6 +36,10 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaves: Iterable[str]) -> None:
         super().__init__()
         self.named_leaves = frozenset(leaves)
+        # A buffer read in the forward (an input's mean and std, ``(x - self.mean.view(1, -1, 1, 1))``) is
+        # a graph node, read from whichever model the graph runs with; not a constant computed from the
+        # traced model's buffer, which no other model would hold.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (
@@ -206,8 +210,40 @@ def trace(model: nn.Module, leaves: Iterable[str] = (), example: Tensor | None =
     except Exception as error:  # fx raises TraceError, RuntimeError, TypeError... on what it cannot record
         graph = _trace_with_shapes(model, leaves, example, defaults, error)
     _drop_specialised_inputs(graph)
+    _make_constants_in_the_graph(graph, model)
     copy_before_in_place(graph, model)
     return fx.GraphModule(model, graph)
+
+
+#: The most values a tensor the forward makes from literals may hold to be written into the graph's code.
+LITERAL_VALUES = 4096
+
+
+def _make_constants_in_the_graph(graph: fx.Graph, model: nn.Module) -> None:
+    """A tensor the forward makes from literals (``x - torch.tensor([0.5])``) is kept by fx as an attribute
+    of the traced model (``_tensor_constant0``), which no other model of the architecture has: each is made
+    again by the graph instead, on its input's device, so the graph runs with any parent.
+
+    Raises:
+        UntraceableModelError: such a tensor is too large to write into code (`LITERAL_VALUES`).
+    """
+    (source, *_) = [node for node in graph.nodes if node.op == "placeholder"]
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not str(node.target).startswith("_tensor_constant"):
+            continue
+        value = _attribute(model, str(node.target))
+        if value.numel() > LITERAL_VALUES:
+            raise UntraceableModelError(
+                f"the forward makes a constant tensor of {value.numel()} values from literals; register it "
+                "as a buffer (self.register_buffer) so that fusion reads it from each model"
+            )
+        with graph.inserting_before(node):
+            device = graph.call_function(getattr, (source, "device"))
+            made = graph.call_function(
+                torch.tensor, (value.tolist(),), {"dtype": value.dtype, "device": device}
+            )
+        node.replace_all_uses_with(made)
+        graph.erase_node(node)
 
 
 def _with_defaults(model: nn.Module) -> dict[str, Any] | None:
