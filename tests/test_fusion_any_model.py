@@ -48,6 +48,7 @@ from tests.user_models import (
     TinyMobileNet,
     Transposed,
     TutorialNet,
+    UpsamplingNet,
     ValueBranch,
 )
 
@@ -646,6 +647,24 @@ def test_buffers_and_literal_tensors_of_the_forward_are_computed_for_each_model_
     assert {node.target for node in plan.graph.nodes if node.op == "get_attr"} == {"mean", "std"}
     result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
     assert_same_function(result.model, model, torch.randn(50, 1, 8, 8), tolerance=1e-4)
+
+
+def test_a_layer_without_a_closed_form_is_a_block_whose_output_channels_are_its_out_channels() -> None:
+    """A transposed convolution (or a Conv3d) says how many channels it outputs, on axis 1: its block's
+    neurons are told apart and grouped, so the gradient variant fuses it; the linear variant names it."""
+    calibration = torch.randn(200, 1, 8, 8)
+    parents = [UpsamplingNet().eval() for _ in range(2)]
+    with pytest.raises(
+        ValueError, match=r"only the gradient variant fits: 'up': module 'up' \(ConvTranspose2d\)"
+    ):
+        fuse(parents, calibration)
+    result = fuse(parents, calibration, FusionConfig(variant="gradient", epochs=2))
+    assert [(level.name, level.kind, level.neurons) for level in result.report.levels] == [
+        ("conv", "conv2d", 8),
+        ("up", "block", 8),
+        ("fc", "linear", 3),
+    ]
+    assert result.report.levels[1].grouping == "kmeans"
 
 
 def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() -> None:

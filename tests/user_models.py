@@ -528,3 +528,16 @@ class NormalisingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1) + torch.tensor([0.5])
         return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+class UpsamplingNet(nn.Module):
+    """A transposed convolution between two layers: no closed form, but its output channels are known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.up(F.relu(self.conv(x)))).mean((2, 3)))

@@ -356,9 +356,11 @@ class _Propagation(fx.Interpreter):
             return self._per_channel(node, name, source) if any(True for _ in module.parameters()) else source
         if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.parameters()):
             kind = type(module).__name__
-            return self._opaque(
+            self._opaque(
                 node, f"module '{name}' ({kind}) holds parameters that only the gradient variant fits"
             )
+            produced = _declared_channels(module, value)
+            return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
         if not isinstance(source, CARRYING):
             return source if source in (None, TIED) else UNKNOWN
         if isinstance(module, PRESERVING_MODULES):
@@ -745,6 +747,20 @@ def plain_forward(module: nn.Module) -> bool:
 
 def _last_axis(source: Annotation, value: Any) -> bool:
     return isinstance(source, Channels) and isinstance(value, Tensor) and source.axis == value.dim() - 1
+
+
+def _declared_channels(module: nn.Module, value: Any) -> tuple[int, int] | None:
+    """(axis, width) of the channels a module with parameters and no rule says it outputs: a convolution
+    fusion does not fit in closed form (``Conv3d``, ``ConvTranspose2d``: ``out_channels`` on axis 1) or a
+    Linear-like module (``out_features`` on the last axis). Its block's neurons can then be told apart."""
+    if not isinstance(value, Tensor) or value.dim() < 2:
+        return None
+    channels, features = getattr(module, "out_channels", None), getattr(module, "out_features", None)
+    if isinstance(channels, int) and value.dim() >= 3 and value.shape[1] == channels:
+        return 1, channels
+    if isinstance(features, int) and value.shape[-1] == features:
+        return value.dim() - 1, features
+    return None
 
 
 def _keeps_channels(module: nn.Module, source: Annotation, value: Any) -> bool:
