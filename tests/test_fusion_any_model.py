@@ -24,6 +24,7 @@ from tests.user_models import (
     BagOfWords,
     BatchSizeBranch,
     CalledTwice,
+    CharLSTM,
     ConcatenatedOutput,
     DataDependent,
     FeatureNet,
@@ -365,6 +366,23 @@ def test_a_recurrent_layer_is_declared_through_a_wrapper_returning_its_outputs()
         ("fc", "linear"),
     ]
     assert result.report.levels[0].fit_r2 > 0.5  # trained toward the group targets, not left at a start
+
+
+def test_a_traced_lstm_is_a_block_whose_outputs_hidden_units_are_grouped_and_trained() -> None:
+    """``out, _ = self.lstm(x)``: the outputs' last axis holds the hidden units, so the LSTM is a block
+    with neurons, traced without a declaration: the gradient variant fits it, the linear variant names
+    it."""
+    tokens = torch.randint(0, 30, (200, 12), generator=torch.Generator().manual_seed(0))
+    parents = [CharLSTM().eval() for _ in range(2)]
+    with pytest.raises(ValueError, match=r"only the gradient variant fits: 'lstm': module 'lstm' \(LSTM\)"):
+        fuse(parents, tokens)
+    result = fuse(parents, tokens, FusionConfig(variant="gradient", epochs=3))
+    assert [(level.name, level.kind, level.neurons) for level in result.report.levels] == [
+        ("embedding", "embedding", 8),
+        ("lstm", "block", 32),
+        ("fc", "linear", 4),
+    ]
+    assert result.report.levels[1].grouping == "kmeans" and result.report.levels[1].fit_r2 > 0.5
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

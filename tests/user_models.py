@@ -541,3 +541,17 @@ class UpsamplingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.up(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+class CharLSTM(nn.Module):
+    """A next-character model in the style of LEAF's Shakespeare task: embedding, LSTM, last output."""
+
+    def __init__(self, vocabulary: int = 30, classes: int = 4) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, 8)
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embedding(x))
+        return self.fc(out[:, -1, :])

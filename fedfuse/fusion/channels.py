@@ -264,7 +264,8 @@ class _Propagation(fx.Interpreter):
         super().__init__(graph_module)
         self.map = ChannelMap()
         self.users = {node.name: len(node.users) for node in graph_module.graph.nodes}
-        # The values of each (values, indices) pair a max or min over an axis returned.
+        # The values of each (values, indices) pair a max or min over an axis returned, and the outputs of
+        # each (outputs, state) pair a recurrent layer returned.
         self.extrema: dict[str, Annotation] = {}
 
     # -- fx.Interpreter hooks ------------------------------------------------------------------------------
@@ -359,6 +360,11 @@ class _Propagation(fx.Interpreter):
             self._opaque(
                 node, f"module '{name}' ({kind}) holds parameters that only the gradient variant fits"
             )
+            if isinstance(module, nn.RNNBase) and isinstance(value, tuple) and isinstance(value[0], Tensor):
+                # (outputs, state): the outputs' last axis holds the hidden units, read by ``[0]``.
+                width = value[0].shape[-1]
+                self.extrema[node.name] = Channels(self.map.new_space(width), value[0].dim() - 1)
+                return UNKNOWN
             produced = _declared_channels(module, value)
             return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
         if not isinstance(source, CARRYING):
@@ -549,7 +555,7 @@ class _Propagation(fx.Interpreter):
         if part in ("values", 0):
             return self.extrema[node.args[0].name]
         if part in ("indices", 1):
-            return self._opaque(node, "the positions of a max or min over neurons")
+            return self._opaque(node, "the positions of a max or min over neurons, or a recurrent state")
         return None
 
     def _attribute(self, node: fx.Node, value: Any) -> Annotation:

@@ -422,7 +422,8 @@ class _TracedPlanner:
             live = {name for name in live if last_use[name] > index}
             if len(live) == 1:
                 (alive,) = live
-                if alive not in folded and self.by_name[alive].op != "get_attr":
+                # A cut holds one tensor: not a tuple (a recurrent layer's (outputs, state)).
+                if alive not in folded and self.by_name[alive].op != "get_attr" and alive in self.map.shapes:
                     cuts.append((index, alive))
         cuts.append((len(self.nodes) - 1, output_node(self.graph_module.graph)))
         regions = []
