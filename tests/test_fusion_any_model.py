@@ -375,8 +375,8 @@ def test_a_traced_lstm_is_a_block_whose_outputs_hidden_units_are_grouped_and_tra
     tokens = torch.randint(0, 30, (200, 12), generator=torch.Generator().manual_seed(0))
     parents = [CharLSTM().eval() for _ in range(2)]
     with pytest.raises(ValueError, match=r"only the gradient variant fits: 'lstm': module 'lstm' \(LSTM\)"):
-        fuse(parents, tokens)
-    result = fuse(parents, tokens, FusionConfig(variant="gradient", epochs=3))
+        fuse(parents, tokens, FusionConfig(variant="linear"))
+    result = fuse(parents, tokens, FusionConfig(epochs=3))  # auto: the closed form, but for the LSTM
     assert [(level.name, level.kind, level.neurons) for level in result.report.levels] == [
         ("embedding", "embedding", 8),
         ("lstm", "block", 32),
@@ -675,7 +675,7 @@ def test_a_layer_without_a_closed_form_is_a_block_whose_output_channels_are_its_
     with pytest.raises(
         ValueError, match=r"only the gradient variant fits: 'up': module 'up' \(ConvTranspose2d\)"
     ):
-        fuse(parents, calibration)
+        fuse(parents, calibration, FusionConfig(variant="linear"))
     result = fuse(parents, calibration, FusionConfig(variant="gradient", epochs=2))
     assert [(level.name, level.kind, level.neurons) for level in result.report.levels] == [
         ("conv", "conv2d", 8),
@@ -691,10 +691,13 @@ def test_a_transformer_is_cut_into_blocks_that_only_the_gradient_variant_fits() 
     vit = build_model("vit", in_channels=1, image_size=8, num_classes=10, seed=0, dim=16, depth=1).eval()
     images = torch.rand(64, 1, 8, 8)
     with pytest.raises(ValueError, match=r"only the gradient variant fits.*cls_token"):
-        fuse([vit, copy.deepcopy(vit)], images)
+        fuse([vit, copy.deepcopy(vit)], images, FusionConfig(variant="linear"))
     result = fuse([vit, copy.deepcopy(vit)], images, FusionConfig(variant="gradient", epochs=2))
     # The head's LayerNorm, alone between the stream and the classifier, is a level of its own.
     assert {level.kind for level in result.report.levels} == {"conv2d", "block", "per_channel", "linear"}
+    # By default (auto) the blocks are trained and the rest solved: no level trained that need not be.
+    auto = fuse([vit, copy.deepcopy(vit)], images, FusionConfig(epochs=2)).report.levels
+    assert all((level.epochs is None) == (level.kind != "block") for level in auto)
 
 
 def test_levels_declared_by_argument_override_tracing(quickstart) -> None:

@@ -148,7 +148,7 @@ def test_config_values_are_validated_at_the_boundary(field: str, value: object, 
 )
 def test_modules_the_linear_variant_cannot_fuse_are_named(model: nn.Module, inputs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        fuse([model, copy.deepcopy(model)], inputs)
+        fuse([model, copy.deepcopy(model)], inputs, FusionConfig(variant="linear"))
 
 
 def test_a_model_without_parameters_is_refused() -> None:

@@ -155,7 +155,7 @@ def test_level_declarations_that_do_not_fit_the_model_are_explained(levels: list
 
 def test_the_linear_variant_refuses_declared_levels_and_points_to_the_gradient_variant() -> None:
     with pytest.raises(ValueError, match="variant='gradient'"):
-        fuse([TwoBlockNet(), TwoBlockNet()], torch.randn(16, 10))
+        fuse([TwoBlockNet(), TwoBlockNet()], torch.randn(16, 10), FusionConfig(variant="linear"))
 
 
 def test_renormalizing_batchnorm_keeps_the_function_and_matches_the_statistics() -> None:

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from fedfuse import FusionConfig, fuse
+from fedfuse import FusionConfig, describe_levels, fuse
 from fedfuse.models import build_model
 from tests.user_models import QuickstartNet
 
@@ -63,7 +63,18 @@ def test_the_memory_format_changes_no_prediction(monkeypatch: pytest.MonkeyPatch
 )
 def test_fusions_that_run_backward_passes_keep_the_usual_format(config: FusionConfig) -> None:
     """torch 2.13's channels-last convolution backward can corrupt the heap off the main thread."""
-    assert not fusion._forward_only(config)
+    images = torch.randn(8, 3, 32, 32)
+    plan = describe_levels(QuickstartNet(), images)
+    assert fusion._forward_only(FusionConfig(), plan)
+    assert not fusion._forward_only(config, plan)
+
+
+def test_the_auto_variant_on_a_model_with_blocks_runs_backward_passes_so_keeps_the_usual_format() -> None:
+    from fedfuse.models import build_model
+
+    vit = build_model("vit", in_channels=1, image_size=8, num_classes=3, dim=16, depth=1)
+    plan = describe_levels(vit, torch.rand(8, 1, 8, 8))
+    assert not fusion._forward_only(FusionConfig(variant="auto"), plan)
 
 
 def test_a_model_that_views_its_convolutions_output_is_fused_in_its_own_format() -> None:

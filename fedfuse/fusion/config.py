@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: The two ways a level is fitted; a config may also say ``"auto"`` (`FusionConfig.variant`).
 VARIANTS = ("linear", "gradient")
 OPTIMIZERS = ("adam", "sgd")
 LEVEL_INITS = ("aligned", "fresh")
@@ -25,9 +26,11 @@ class FusionConfig:
     Attributes:
         variant: how each fused level is fitted to its group targets. ``"linear"``: closed-form ridge
             least squares over the level's inputs (patches, for convolutions), the fused model's own
-            previous levels feeding it (``nn.Sequential`` chains of Linear/Conv2d). ``"gradient"``: a
-            few epochs of gradient descent per level, which fits any level (a residual block, a
-            transformer block) and any declared architecture.
+            previous levels feeding it; it refuses a model with blocks. ``"gradient"``: a few epochs of
+            gradient descent per level, which fits any level (a residual block, a transformer block)
+            and any declared architecture. ``"auto"`` (the default): the linear variant's closed form
+            for every level it fits, gradient descent for the blocks (attention, an LSTM), so that any
+            model a user writes is fused; a model without blocks is fused exactly as by ``"linear"``.
         grouping: how the K·n parent neurons of a level are grouped into n fused neurons.
             ``"kmeans"``: importance-weighted k-means, any K. ``"hungarian"``: optimal one-to-one
             matching of the two parents' neurons, K = 2 only. ``"index"``: neuron j of every parent
@@ -89,7 +92,7 @@ class FusionConfig:
             number of groups); 1 keeps parent 0's architecture. Sequential chains only; with K parents,
             up to K keeps every parent neuron apart.
 
-    The gradient variant's fit (ignored by the linear variant):
+    The gradient variant's fit (and the auto variant's, for blocks; ignored by the linear variant):
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
         learning_rate: the optimiser's step size.
         epochs: most passes over the calibration set per level.
@@ -113,7 +116,7 @@ class FusionConfig:
             labels. ``"none"`` (the default): the most accurate fit.
     """
 
-    variant: str = "linear"
+    variant: str = "auto"
     grouping: str = "kmeans"
     importance: str = "uniform"
     ridge: float = 1e-2
@@ -142,7 +145,7 @@ class FusionConfig:
     fit_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("variant", self.variant, ("auto", *VARIANTS))
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("level_init", self.level_init, LEVEL_INITS)
         _check_choice("grouping", self.grouping, GROUPINGS)

@@ -75,7 +75,8 @@ def fuse(
             re-iterable of such batches (a DataLoader, read once), or a `CalibrationSet` already read.
             Labels (class indices) are the attribution targets; without them each parent's own
             prediction is.
-        config: how to fuse; `FusionConfig()` (the linear variant) by default.
+        config: how to fuse; `FusionConfig()` by default (the auto variant: the closed form for every level
+            it fits, gradient descent for blocks).
         weights: ``None``, per-parent weights ``[K]`` (e.g. the clients' example counts), or
             per-parent, per-class weights ``[K, C]`` (e.g. the clients' label counts), which weight the
             output layer's classes and, by their row sums, the parents.
@@ -108,7 +109,7 @@ def fuse(
     parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
     plan, example = _plan(parents[0], calibration_set, config, levels)
     calibration_set = labelled_as_classes(calibration_set, plan)
-    if _forward_only(config) and _runs_channels_last(parents[0], example):
+    if _forward_only(config, plan) and _runs_channels_last(parents[0], example):
         parents = [parent.to(memory_format=torch.channels_last) for parent in parents]
     _check_width(config, len(models), plan)
     # Measured on the calibration set: the parents' order (by what they compute, never by arrival) and,
@@ -240,9 +241,10 @@ def labelled_as_classes(calibration: CalibrationSet, plan: LevelPlan) -> Calibra
 
 def fuse_level(index: int, level: Level, context: FusionContext) -> LevelReport:
     """Fuse one level: its space's grouping (decided by the first of the space's levels), then the fit of
-    its parameters to the group targets, by the configured variant, with the fused model's own previous
-    levels as input."""
-    if context.config.variant == "linear":
+    its parameters to the group targets, by the configured variant (``"auto"``: in closed form where the
+    linear variant can, by gradient descent for a block), with the fused model's own previous levels as
+    input."""
+    if context.config.variant == "linear" or (context.config.variant == "auto" and level.closed_form):
         return fit_linear(level, context)
     return fit_gradient(level, context, index)
 
@@ -337,14 +339,16 @@ def _average_the_rest(fused: nn.Module, parents: list[nn.Module], plan: LevelPla
             buffer.copy_(mean if buffer.is_floating_point() else values.max(0).values)
 
 
-def _forward_only(config: FusionConfig) -> bool:
-    """Whether a fusion with ``config`` runs no backward pass: the linear variant with uniform importance,
-    no sharpness limit and no polish. Only such fusions use channels-last convolutions
-    (`_runs_channels_last`): in torch 2.13 on the CPU, a channels-last convolution's weight gradient run
-    in a thread other than the main one can corrupt the heap (oneDNN; seen as an abort in
-    ``mkldnn_convolution_backward_weights`` when the strategy fused with the gradient variant)."""
+def _forward_only(config: FusionConfig, plan: LevelPlan) -> bool:
+    """Whether a fusion with ``config`` runs no backward pass: the linear variant (or the auto variant on
+    a model without blocks) with uniform importance, no sharpness limit and no polish. Only such fusions
+    use channels-last convolutions (`_runs_channels_last`): in torch 2.13 on the CPU, a channels-last
+    convolution's weight gradient run in a thread other than the main one can corrupt the heap (oneDNN;
+    seen as an abort in ``mkldnn_convolution_backward_weights`` when the strategy fused with the
+    gradient variant)."""
+    closed_form = all(level.closed_form for level in plan.levels)
     return (
-        config.variant == "linear"
+        (config.variant == "linear" or (config.variant == "auto" and closed_form))
         and config.importance == "uniform"
         and config.sharpness_limit == "none"
         and not config.polish_epochs

@@ -239,7 +239,8 @@ class LevelPlan:
             raise ValueError(
                 f"the linear variant fits Linear/Conv levels in closed form, but {self.model} has "
                 f"{len(blocks)} level(s) only the gradient variant fits{more}: {reasons}. Use "
-                "FusionConfig(variant='gradient')"
+                "FusionConfig(variant='auto') (the closed form for the rest, gradient descent for these) "
+                "or variant='gradient'"
             )
 
     def table(self) -> str:
