@@ -264,9 +264,9 @@ class _Propagation(fx.Interpreter):
         super().__init__(graph_module)
         self.map = ChannelMap()
         self.users = {node.name: len(node.users) for node in graph_module.graph.nodes}
-        # The values of each (values, indices) pair a max or min over an axis returned, and the outputs of
-        # each (outputs, state) pair a recurrent layer returned.
-        self.extrema: dict[str, Annotation] = {}
+        # What the first of each pair carries: the values of a max or min over an axis (values, indices),
+        # the outputs of a recurrent layer (outputs, state).
+        self.pairs: dict[str, Annotation] = {}
 
     # -- fx.Interpreter hooks ------------------------------------------------------------------------------
     def run_node(self, node: fx.Node) -> Any:
@@ -295,9 +295,9 @@ class _Propagation(fx.Interpreter):
         if (
             function in (getattr, operator.getitem)
             and isinstance(node.args[0], fx.Node)
-            and node.args[0].name in self.extrema
+            and node.args[0].name in self.pairs
         ):
-            return self._extremum_part(node, value)
+            return self._pair_part(node, value)
         if method in SHAPE_METHODS:
             return None
         if function is getattr:
@@ -363,7 +363,7 @@ class _Propagation(fx.Interpreter):
             if isinstance(module, nn.RNNBase) and isinstance(value, tuple) and isinstance(value[0], Tensor):
                 # (outputs, state): the outputs' last axis holds the hidden units, read by ``[0]``.
                 width = value[0].shape[-1]
-                self.extrema[node.name] = Channels(self.map.new_space(width), value[0].dim() - 1)
+                self.pairs[node.name] = Channels(self.map.new_space(width), value[0].dim() - 1)
                 return UNKNOWN
             produced = _declared_channels(module, value)
             return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
@@ -540,20 +540,20 @@ class _Propagation(fx.Interpreter):
 
     def _extremum(self, node: fx.Node, value: Any) -> Annotation:
         """``torch.max(x, other)`` is element-wise; ``torch.max(x, dim)`` a reduction whose values (read
-        by ``.values`` or ``[0]``, `_extremum_part`) keep the channels, like ``amax``; a max over every
+        by ``.values`` or ``[0]``, `_pair_part`) keep the channels, like ``amax``; a max over every
         axis mixes them."""
         other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
         if isinstance(other, fx.Node):
             return self._joined(node, value)
         if isinstance(value, Tensor):
             return self._opaque(node, "a reduction over every axis, channels included")
-        self.extrema[node.name] = self._reduced(node, value[0])
+        self.pairs[node.name] = self._reduced(node, value[0])
         return UNKNOWN  # a pair is no tensor of neurons; its values are
 
-    def _extremum_part(self, node: fx.Node, value: Any) -> Annotation:
+    def _pair_part(self, node: fx.Node, value: Any) -> Annotation:
         part = node.args[1]
         if part in ("values", 0):
-            return self.extrema[node.args[0].name]
+            return self.pairs[node.args[0].name]
         if part in ("indices", 1):
             return self._opaque(node, "the positions of a max or min over neurons, or a recurrent state")
         return None
@@ -749,10 +749,6 @@ def plain_forward(module: nn.Module) -> bool:
                 cls.forward for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn")
             )
     return False
-
-
-def _last_axis(source: Annotation, value: Any) -> bool:
-    return isinstance(source, Channels) and isinstance(value, Tensor) and source.axis == value.dim() - 1
 
 
 def _declared_channels(module: nn.Module, value: Any) -> tuple[int, int] | None:

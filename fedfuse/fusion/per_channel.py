@@ -6,8 +6,8 @@ normalised input and β_c is added; a PReLU's slope a_c multiplies min(0, u_c) b
 the fused model's own input u, the fit of θ_c to the group targets is a least-squares problem of m
 unknowns per channel, pulled toward the members' share-weighted parameters (the aligned average) like
 every level (`fedfuse.fusion.fitting.solve_channels`). The features g and the offset h are read off the
-module itself, run with its parameters set to zeros and ones (`torch.func.functional_call`), so no
-formula is written twice. The normalisation statistics are the fused model's own: a fused GroupNorm
+module itself (a copy), run with its parameters set to zeros and ones, so no formula is written
+twice. The normalisation statistics are the fused model's own: a fused GroupNorm
 normalises its groups of fused channels, which are put in the order of the reference parent's
 neurons (`fedfuse.fusion.targets`), so a parent's groups stay whole when the parents agree. A shared
 parameter (a PReLU's one slope) is one problem over every channel.
@@ -15,9 +15,10 @@ parameter (a PReLU's one slope) is one problem over every channel.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fedfuse.fusion.statistics import rows_of
 
@@ -30,14 +31,18 @@ def parameter_features(module: nn.Module, inputs: Tensor, axis: int) -> tuple[Te
         features ``[rows, C, m]``: for each of its m parameters (in `named_parameters` order), the output
         with that parameter 1 and the others 0, minus the offset.
     """
-    parameters = dict(module.named_parameters())
-    zeros = {name: torch.zeros_like(value) for name, value in parameters.items()}
-    offset = functional_call(module, zeros, (inputs,))
-    features = [
-        functional_call(module, {**zeros, name: torch.ones_like(value)}, (inputs,)) - offset
-        for name, value in parameters.items()
-    ]
-    return rows_of(offset, axis), torch.stack([rows_of(f, axis) for f in features], dim=-1)
+    probe = copy.deepcopy(module)  # the module itself, its parameters set to zeros and ones in turn
+    parameters = list(probe.parameters())
+    with torch.no_grad():
+        for value in parameters:
+            value.zero_()
+        offset = probe(inputs)
+        features = []
+        for value in parameters:
+            value.fill_(1)
+            features.append(rows_of(probe(inputs) - offset, axis))
+            value.zero_()
+    return rows_of(offset, axis), torch.stack(features, dim=-1)
 
 
 def aligned_parameters(modules: list[nn.Module], shares: Tensor) -> Tensor:

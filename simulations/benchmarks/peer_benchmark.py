@@ -172,8 +172,8 @@ def document(results: Sequence[SettingResult], command: str, machine: str, secon
         "evaluation_size": results[0].evaluation_size,
         "seeds": sorted({r.setting.seed for r in results}),
         "settings_run": len(results),
-        "fedfuse": "FusionConfig() defaults (auto: closed form for these models, k-means, uniform importance), fusion weights measured "
-        "on the calibration set (no client disclosure)",
+        "fedfuse": "FusionConfig() defaults (auto: closed form for these models, k-means, uniform "
+        "importance), fusion weights measured on the calibration set (no client disclosure)",
         "seconds": round(seconds, 1),
     }
     return {
