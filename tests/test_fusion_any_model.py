@@ -23,6 +23,7 @@ from tests.test_fusion_recovers_functions import assert_same_function, trained_s
 from tests.user_models import (
     BagOfWords,
     BatchSizeBranch,
+    BidirectionalGRU,
     CalledTwice,
     CharLSTM,
     ConcatenatedOutput,
@@ -43,6 +44,7 @@ from tests.user_models import (
     ShapeBranches,
     SmallResNet,
     SqueezeExcite,
+    StateLSTM,
     SummedOutput,
     TextCNN,
     TiedNet,
@@ -368,21 +370,30 @@ def test_a_recurrent_layer_is_declared_through_a_wrapper_returning_its_outputs()
     assert result.report.levels[0].fit_r2 > 0.5  # trained toward the group targets, not left at a start
 
 
-def test_a_traced_lstm_is_a_block_whose_outputs_hidden_units_are_grouped_and_trained() -> None:
-    """``out, _ = self.lstm(x)``: the outputs' last axis holds the hidden units, so the LSTM is a block
-    with neurons, traced without a declaration: the gradient variant fits it, the linear variant names
-    it."""
+@pytest.mark.parametrize(
+    ("model", "recurrent", "units"),
+    [(CharLSTM, "lstm", 32), (StateLSTM, "lstm", 16), (BidirectionalGRU, "gru", 32)],
+    ids=["outputs", "final-state", "bidirectional"],
+)
+def test_a_traced_recurrent_layer_is_a_block_whose_hidden_units_are_grouped_and_trained(
+    model: type[nn.Module], recurrent: str, units: int
+) -> None:
+    """``out, _ = self.lstm(x)``, ``_, (h, _) = self.lstm(x)`` then ``h[-1]``, a bidirectional GRU: what
+    the model reads of the layer holds hidden units on its last axis, so the layer is a block with
+    neurons, traced without a declaration: the default (auto) variant trains it and solves the rest, the
+    linear variant names it. A state ``[layers, N, H]`` is never a cut between blocks: its samples are on
+    axis 1."""
     tokens = torch.randint(0, 30, (200, 12), generator=torch.Generator().manual_seed(0))
-    parents = [CharLSTM().eval() for _ in range(2)]
-    with pytest.raises(ValueError, match=r"only the gradient variant fits: 'lstm': module 'lstm' \(LSTM\)"):
+    parents = [model().eval() for _ in range(2)]
+    with pytest.raises(
+        ValueError, match=rf"only the gradient variant fits: '{recurrent}': module '{recurrent}'"
+    ):
         fuse(parents, tokens, FusionConfig(variant="linear"))
-    result = fuse(parents, tokens, FusionConfig(epochs=3))  # auto: the closed form, but for the LSTM
-    assert [(level.name, level.kind, level.neurons) for level in result.report.levels] == [
-        ("embedding", "embedding", 8),
-        ("lstm", "block", 32),
-        ("fc", "linear", 4),
-    ]
-    assert result.report.levels[1].grouping == "kmeans" and result.report.levels[1].fit_r2 > 0.5
+    levels = fuse(parents, tokens).report.levels
+    block = next(level for level in levels if level.name == recurrent)
+    assert (block.kind, block.neurons, block.grouping) == ("block", units, "kmeans")
+    assert block.fit_r2 > 0.5
+    assert all(level.epochs is None for level in levels if level.kind != "block")
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

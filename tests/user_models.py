@@ -555,3 +555,30 @@ class CharLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embedding(x))
         return self.fc(out[:, -1, :])
+
+
+class StateLSTM(nn.Module):
+    """A two-layer LSTM classifier reading the last layer's final hidden state, ``h[-1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.embedding(x))
+        return self.fc(h[-1])
+
+
+class BidirectionalGRU(nn.Module):
+    """A bidirectional GRU over the input's time steps, its outputs averaged over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(30, 16, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(F.one_hot(x, 30).float())
+        return self.fc(out.mean(1))

@@ -266,7 +266,7 @@ class _Propagation(fx.Interpreter):
         self.users = {node.name: len(node.users) for node in graph_module.graph.nodes}
         # What the first of each pair carries: the values of a max or min over an axis (values, indices),
         # the outputs of a recurrent layer (outputs, state).
-        self.pairs: dict[str, Annotation] = {}
+        self.pairs: dict[str, tuple[Annotation, Annotation | str]] = {}
 
     # -- fx.Interpreter hooks ------------------------------------------------------------------------------
     def run_node(self, node: fx.Node) -> Any:
@@ -361,10 +361,7 @@ class _Propagation(fx.Interpreter):
                 node, f"module '{name}' ({kind}) holds parameters that only the gradient variant fits"
             )
             if isinstance(module, nn.RNNBase) and isinstance(value, tuple) and isinstance(value[0], Tensor):
-                # (outputs, state): the outputs' last axis holds the hidden units, read by ``[0]``.
-                width = value[0].shape[-1]
-                self.pairs[node.name] = Channels(self.map.new_space(width), value[0].dim() - 1)
-                return UNKNOWN
+                return self._recurrent(node, value)
             produced = _declared_channels(module, value)
             return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
         if not isinstance(source, CARRYING):
@@ -547,16 +544,35 @@ class _Propagation(fx.Interpreter):
             return self._joined(node, value)
         if isinstance(value, Tensor):
             return self._opaque(node, "a reduction over every axis, channels included")
-        self.pairs[node.name] = self._reduced(node, value[0])
+        self.pairs[node.name] = (self._reduced(node, value[0]), "the positions of a max or min over neurons")
         return UNKNOWN  # a pair is no tensor of neurons; its values are
 
+    def _recurrent(self, node: fx.Node, value: tuple) -> Annotation:
+        """A recurrent layer's ``(outputs, state)``: the outputs' last axis holds the hidden units of its
+        last layer, the state's (``h`` ``[layers · directions, N, H]``, or an LSTM's ``(h, c)``) the
+        final hidden units of each layer, a space of their own (``h[-1]`` is not the outputs' units for a
+        bidirectional layer). Either is a block's output whose neurons can be told apart."""
+        outputs, state = value
+        first = Channels(self.map.new_space(outputs.shape[-1]), outputs.dim() - 1)
+        hidden = state[0] if isinstance(state, tuple) else state
+        second: Annotation | str = Channels(self.map.new_space(hidden.shape[-1]), hidden.dim() - 1)
+        if isinstance(state, tuple):  # (h, c): read by a second index
+            self.pairs[f"{node.name}:state"] = (second, "an LSTM's cell state")
+            second = f"{node.name}:state"
+        self.pairs[node.name] = (first, second)
+        return UNKNOWN
+
     def _pair_part(self, node: fx.Node, value: Any) -> Annotation:
+        """A part of a pair (`pairs`): its annotation, a nested pair, or why it carries no known neurons."""
+        first, second = self.pairs[node.args[0].name]
         part = node.args[1]
-        if part in ("values", 0):
-            return self.pairs[node.args[0].name]
-        if part in ("indices", 1):
-            return self._opaque(node, "the positions of a max or min over neurons, or a recurrent state")
-        return None
+        chosen = first if part in ("values", 0) else second if part in ("indices", 1) else None
+        if isinstance(chosen, str) and chosen in self.pairs:
+            self.pairs[node.name] = self.pairs[chosen]
+            return UNKNOWN
+        if isinstance(chosen, str):
+            return self._opaque(node, chosen)
+        return chosen
 
     def _attribute(self, node: fx.Node, value: Any) -> Annotation:
         """A tensor's attribute: a shape, dtype or device carries nothing; the same tensor (``.data``)

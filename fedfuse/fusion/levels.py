@@ -413,6 +413,7 @@ class _TracedPlanner:
         for node in self.nodes:
             for user in node.users:
                 last_use[node.name] = max(last_use.get(node.name, -1), self.position[user.name])
+        batch = self.map.shapes[input_node(self.graph_module.graph)][:1]
         cuts: list[tuple[int, str]] = []
         live: set[str] = set()
         for index, node in enumerate(self.nodes):
@@ -423,8 +424,13 @@ class _TracedPlanner:
             live = {name for name in live if last_use[name] > index}
             if len(live) == 1:
                 (alive,) = live
-                # A cut holds one tensor: not a tuple (a recurrent layer's (outputs, state)).
-                if alive not in folded and self.by_name[alive].op != "get_attr" and alive in self.map.shapes:
+                # A cut holds one tensor of samples along its first axis: not a tuple (a recurrent
+                # layer's (outputs, state)), nor a state [layers, N, H], whose samples are on axis 1.
+                if (
+                    alive not in folded
+                    and self.by_name[alive].op != "get_attr"
+                    and self.map.shapes.get(alive, ())[:1] == batch
+                ):
                     cuts.append((index, alive))
         cuts.append((len(self.nodes) - 1, output_node(self.graph_module.graph)))
         regions = []
