@@ -226,8 +226,8 @@ class LevelPlan:
                 + (
                     "declared levels keep their width"
                     if not self.traced
-                    else f"{self.model} has blocks, embeddings, depthwise convolutions or "
-                    "concatenated channels"
+                    else f"{self.model} has blocks, embeddings, depthwise convolutions, norms or PReLUs "
+                    "with per-channel parameters, or concatenated channels"
                 )
             )
         if variant != "linear":
