@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from unittest.mock import Mock, PropertyMock
@@ -529,17 +530,25 @@ def test_an_engine_error_keeps_the_previous_model_with_a_warning_instead_of_rais
 def test_a_fusion_past_its_timeout_is_abandoned_and_the_previous_model_kept(
     calibration, client_states, monkeypatch, flwr_log
 ):
+    released, finished = threading.Event(), threading.Event()
+
     def slow_engine(*args, **kwargs):
-        time.sleep(3)
+        released.wait(3)
+        finished.set()
 
     monkeypatch.setattr(fedfuse_module, "fuse", slow_engine)
     strategy = FedFuse(make_net, calibration, fusion_timeout=0.2)
     started = time.perf_counter()
-    arrays, _ = strategy.aggregate_train(1, [reply(1, client_states[0]), reply(2, client_states[1])])
-
-    assert arrays is None
-    assert time.perf_counter() - started < 2
-    assert any("TimeoutError" in w and "within 0.2 s" in w for w in warnings_of(flwr_log))
+    try:
+        arrays, _ = strategy.aggregate_train(1, [reply(1, client_states[0]), reply(2, client_states[1])])
+        assert arrays is None
+        assert time.perf_counter() - started < 2
+        assert any("TimeoutError" in w and "within 0.2 s" in w for w in warnings_of(flwr_log))
+    finally:
+        # The abandoned fusion holds the clients' tensors: let it end now, not while the interpreter
+        # shuts down, where freeing them from a daemon thread aborts the process.
+        released.set()
+        assert finished.wait(5)
 
 
 def test_a_fused_model_that_is_not_finite_is_not_sent_to_the_clients(

@@ -653,7 +653,10 @@ def _call_with_timeout(function: Callable[[], FusionResult], timeout: float) -> 
     """Run ``function`` in a daemon thread and wait at most ``timeout`` seconds for it.
 
     Python cannot stop a thread; an overdue fusion is abandoned to finish in the background (a daemon
-    thread, so it never holds up the interpreter's exit) and its result is dropped.
+    thread, so it never holds up the interpreter's exit) and its result is dropped. One still running
+    when the process exits frees its tensors while the interpreter shuts down, which aborts the process
+    (torch's deallocation unwound by the thread's forced exit): give fusions the time they need, or end
+    the process only after they finish.
     """
     outcome: dict[str, object] = {}
 
