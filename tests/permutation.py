@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from fedfuse.fusion.levels import plan_levels
+from fedfuse.fusion.levels import LevelPlan, plan_levels
 
 
 def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) -> nn.Module:
@@ -60,7 +60,7 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
     return permuted
 
 
-def _norm_groups(model: nn.Module, plan, space: str) -> int:
+def _norm_groups(model: nn.Module, plan: LevelPlan, space: str) -> int:
     """How many groups of neighbouring channels a GroupNorm in ``space`` normalises together (1: none)."""
     groups = [
         model.get_submodule(level.modules[0]).num_groups

@@ -184,6 +184,24 @@ def test_the_fused_model_classifies_as_well_as_the_clients_did(strategy, client_
     assert accuracy(arrays, x, y) > 0.9
 
 
+def fitted(
+    model_fn: Callable[[], nn.Module],
+    data: tuple[torch.Tensor, torch.Tensor],
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    seed: int,
+) -> nn.Module:
+    """A client's model, trained full-batch with Adam on its own data."""
+    torch.manual_seed(seed)
+    model = model_fn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(model, *data).backward()
+        optimizer.step()
+    return model
+
+
 def test_a_binary_classifier_with_one_sigmoid_output_is_screened_and_fused_without_its_labels():
     """Flower's tabular example: one sigmoid score per sample, trained with BCE. The labelled calibration
     set indexes no class of it, so the strategy screens and fuses on the inputs alone."""
@@ -194,17 +212,13 @@ def test_a_binary_classifier_with_one_sigmoid_output_is_screened_and_fused_witho
         x = torch.randn(n, 14, generator=generator)
         return x, (x[:, 0] + x[:, 1] > 0).long()
 
-    states = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = IncomeClassifier()
-        x, y = income_data(200, 100 + seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        for _ in range(60):
-            optimizer.zero_grad()
-            nn.functional.binary_cross_entropy(model(x).squeeze(1), y.float()).backward()
-            optimizer.step()
-        states.append(model.state_dict())
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy(model(x).squeeze(1), y.float())
+
+    states = [
+        fitted(IncomeClassifier, income_data(200, 100 + seed), loss, steps=60, seed=seed).state_dict()
+        for seed in range(3)
+    ]
     with pytest.warns(UserWarning, match="one output, which no class label indexes"):
         strategy = FedFuse(model_fn=IncomeClassifier, calibration=income_data(150, 7))
     arrays, metrics = strategy.aggregate_train(1, [reply(n, state) for n, state in enumerate(states)])
@@ -224,20 +238,14 @@ def test_a_regressor_returning_one_value_per_sample_is_screened_and_fused():
         x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
         return x, 2 * x[:, 0] + x[:, 1].square()
 
-    states, errors = [], []
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (model(x) - y).square().mean()
+
     x_test, y_test = curve(500, 99)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = Regressor()
-        x, y = curve(200, 100 + seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        for _ in range(150):
-            optimizer.zero_grad()
-            (model(x) - y).square().mean().backward()
-            optimizer.step()
-        states.append(model.state_dict())
-        with torch.no_grad():
-            errors.append(float((model(x_test) - y_test).square().mean()))
+    clients = [fitted(Regressor, curve(200, 100 + seed), loss, steps=150, seed=seed) for seed in range(3)]
+    states = [model.state_dict() for model in clients]
+    with torch.no_grad():
+        errors = [float(loss(model, x_test, y_test)) for model in clients]
     strategy = FedFuse(model_fn=Regressor, calibration=curve(150, 7)[0])
     arrays, metrics = strategy.aggregate_train(1, [reply(n, state) for n, state in enumerate(states)])
 

@@ -213,27 +213,29 @@ def check_fusable(
         raise ValueError("the model has no parameters to fuse")
     calibration_set = CalibrationSet(calibration, config.batch_size)
     plan = _plan(copy.deepcopy(model).eval(), calibration_set, config, levels)[0]
-    labelled_as_classes(calibration_set, plan)
+    labelled_as_classes(calibration_set, plan, warn=False)  # setting labels aside is no refusal
     return plan
 
 
-def labelled_as_classes(calibration: CalibrationSet, plan: LevelPlan) -> CalibrationSet:
+def labelled_as_classes(calibration: CalibrationSet, plan: LevelPlan, warn: bool = True) -> CalibrationSet:
     """The calibration set whose labels, if any, index the models' classes.
 
     A model with one output (a value to regress, or one score for two classes, be it a logit or a
     probability) has no classes for labels to index, and fusion cannot tell which score a label means:
     its labels are set aside, with a warning, and fusion uses the inputs alone (parents weighted
-    equally unless weights are given, each attributed on its own output).
+    equally unless weights are given, each attributed on its own output). ``warn=False`` sets them aside
+    silently (`check_fusable`, which refuses only what cannot be fused).
 
     Raises:
         ValueError: labels outside the classes of a model with several outputs.
     """
     if plan.output_width == 1 and calibration.has_labels:
-        warnings.warn(
-            f"{plan.model} has one output, which no class label indexes: its calibration labels are not "
-            "used (no per-class weights; parents weighted equally unless weights are given)",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                f"{plan.model} has one output, which no class label indexes: its calibration labels are not "
+                "used (no per-class weights; parents weighted equally unless weights are given)",
+                stacklevel=3,
+            )
         return calibration.without_labels()
     calibration.check_labels(plan.output_width)
     return calibration

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.fusion.context import FusionContext
-from fedfuse.fusion.fitting import solve_channels, solve_level, write_level
+from fedfuse.fusion.fitting import LevelFit, solve_channels, solve_level, write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
 from fedfuse.fusion.per_channel import aligned_parameters, parameter_features, shared, write_parameters
@@ -95,13 +95,39 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         )
     write_level(layer, norm, fit.weight, fit.bias, fit.output_mean, fit.output_var)
     seconds["solve"] = time.perf_counter() - clock
+    parent_norm = stats_.mean(weight_norm(weights, with_bias) for weights in parent_maps)
+    return _report(
+        level,
+        fused_level.width,
+        fit.fan_in,
+        stats.rows,
+        method or grouping.method,
+        grouping,
+        seconds,
+        fit,
+        parent_norm,
+    )
+
+
+def _report(
+    level: Level,
+    neurons: int,
+    fan_in: int,
+    rows: int,
+    method: str,
+    grouping: SpaceGrouping,
+    seconds: dict[str, float],
+    fit: LevelFit,
+    parent_weight_norm: float,
+) -> LevelReport:
+    """The report of a level solved in closed form."""
     return LevelReport(
         name=level.name,
         kind=level.kind,
-        neurons=fused_level.width,
-        fan_in=fit.fan_in,
-        rows=stats.rows,
-        grouping=method or grouping.method,
+        neurons=neurons,
+        fan_in=fan_in,
+        rows=rows,
+        grouping=method,
         grouping_cost=grouping.costs[level.target],
         fit_r2=fit.r2,
         seconds=seconds,
@@ -109,7 +135,7 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         rank=fit.rank,
         live_inputs=fit.live,
         weight_norm=float(fit.weight.norm()),
-        parent_weight_norm=stats_.mean(weight_norm(weights, with_bias) for weights in parent_maps),
+        parent_weight_norm=parent_weight_norm,
     )
 
 
@@ -189,22 +215,8 @@ def _fit_per_channel(
     fit = solve_channels(stats, context.config.ridge, with_bias=False, prior=prior)
     write_parameters(module, fit.weight)
     seconds["solve"] = time.perf_counter() - clock
-    return LevelReport(
-        name=level.name,
-        kind=level.kind,
-        neurons=width,
-        fan_in=parameters,
-        rows=stats.rows,
-        grouping=method,
-        grouping_cost=grouping.costs[level.target],
-        fit_r2=fit.r2,
-        seconds=seconds,
-        space=level.space,
-        rank=fit.rank,
-        live_inputs=fit.live,
-        weight_norm=float(fit.weight.norm()),
-        parent_weight_norm=stats_.mean(
-            float(torch.cat([p.detach().double().flatten() for p in parent.parameters()]).norm())
-            for parent in parents
-        ),
+    parent_norm = stats_.mean(
+        float(torch.cat([p.detach().double().flatten() for p in parent.parameters()]).norm())
+        for parent in parents
     )
+    return _report(level, width, parameters, stats.rows, method, grouping, seconds, fit, parent_norm)

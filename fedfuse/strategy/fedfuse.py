@@ -23,6 +23,7 @@ from torch import nn
 
 from fedfuse.fusion import FusionConfig, FusionResult, LevelPlan, LevelSpec, check_fusable, fuse
 from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.fusion.fuse import labelled_as_classes
 from fedfuse.strategy.claims import cap_claims
 from fedfuse.strategy.guard import compare
 from fedfuse.strategy.replies import (
@@ -209,10 +210,11 @@ class FedFuse(FedAvg):
         self.plan = _checked_plan(model_fn, calibration, self.fusion_config, self.levels)
         # Read once (a DataLoader is read when the set is built): every round's screening, fusions and
         # guard share these batches.
-        self._calibration_set = CalibrationSet(calibration, self.fusion_config.batch_size)
-        if self.plan.output_width == 1 and self._calibration_set.has_labels:
-            # One output indexes no class (check_fusable said so): screening, fusion and guard go unlabelled.
-            self._calibration_set = self._calibration_set.without_labels()
+        # Labels that index no class (a model with one output) are set aside, with a warning: screening,
+        # fusion and guard then go unlabelled.
+        self._calibration_set = labelled_as_classes(
+            CalibrationSet(calibration, self.fusion_config.batch_size), self.plan
+        )
         # The global model sent out by the last configure_train: replies must match its keys, shapes
         # and dtypes, the fused model is returned in them, and a round that cannot fuse returns it.
         self._sent: dict[str, ArraySpec] | None = None
