@@ -751,3 +751,39 @@ def test_a_piece_compiled_once_computes_with_the_model_it_is_given() -> None:
         assert torch.equal(piece(second, x), second(x))
         assert torch.equal(piece(first, x), first(x))
         assert not torch.equal(piece(second, x), first(x))
+
+
+def _weight_normed(model: nn.Module) -> nn.Module:
+    """``model`` with its first and last layers weight-normed (torch's parametrization: the same function)."""
+    for name in ("fc1", "head"):
+        setattr(model, name, nn.utils.parametrizations.weight_norm(getattr(model, name)))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_weight_normed_layers_are_fused_as_the_layers_they_compute_and_stay_weight_normed(
+    variant: str,
+) -> None:
+    """A weight-normed layer's weight is computed at every access: the fused weight is stored through the
+    parametrization (its magnitude and direction), not copied into that throwaway tensor, and the
+    parents keep theirs (a deep copy shares its parametrized class with the model it copies)."""
+    torch.manual_seed(0)
+    model = LayerNormMLP().eval()
+    calibration = torch.randn(600, 20)
+    permuted = permuted_copy(model, seed=1, example=calibration)
+    parents = [_weight_normed(model), _weight_normed(permuted)]
+    result = fuse(parents, calibration, FusionConfig(ridge=0.0, variant=variant, epochs=2))
+    assert nn.utils.parametrize.is_parametrized(result.model.fc1, "weight")
+    assert result.model.state_dict().keys() == model.state_dict().keys()
+    assert not torch.equal(result.model.fc1.weight, permuted.fc1.weight)  # written, not parent 0's
+    assert_same_function(result.model, model, torch.randn(50, 20), tolerance=1e-4)
+    assert parents[0].fc1.weight.shape == (32, 20)  # still parametrized: its class kept its property
+
+
+def test_a_spectral_norm_which_cannot_hold_a_fused_weight_is_refused_before_any_work() -> None:
+    models = [
+        nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 3))
+    ]
+    models.append(copy.deepcopy(models[0]))
+    with pytest.raises(ValueError, match=r"module '0': its parametrization of 'weight' \(_SpectralNorm\)"):
+        fuse(models, torch.randn(64, 8))

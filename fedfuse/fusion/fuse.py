@@ -21,6 +21,12 @@ from fedfuse.fusion.declared import LevelSpec
 from fedfuse.fusion.gradient import fit_gradient
 from fedfuse.fusion.levels import Level, LevelPlan, plan_levels
 from fedfuse.fusion.linear import fit_linear
+from fedfuse.fusion.parametrized import (
+    check_parametrizations,
+    parametrized_tensors,
+    with_parametrizations,
+    without_parametrizations,
+)
 from fedfuse.fusion.parent_scores import ParentScores, score_parents
 from fedfuse.fusion.parents import check_parents
 from fedfuse.fusion.polish import polish
@@ -101,12 +107,14 @@ def fuse(
         raise TypeError(f"config must be a FusionConfig, got {type(config).__name__}")
     models = list(models)
     check_parents(models)
+    check_parametrizations(models[0])
     parameter = next(models[0].parameters(), None)
     if parameter is None:
         raise ValueError("the models have no parameters to fuse")
     device, dtype = parameter.device, parameter.dtype
     calibration_set = CalibrationSet(calibration, config.batch_size)
-    parents = [copy.deepcopy(model).to(device).eval() for model in models]  # hooks land on copies
+    # Hooks land on copies, each parametrized layer made the plain layer it computes (`_finish` restores it).
+    parents = [without_parametrizations(copy.deepcopy(model).to(device).eval()) for model in models]
     plan, example = _plan(parents[0], calibration_set, config, levels)
     calibration_set = labelled_as_classes(calibration_set, plan)
     if _forward_only(config, plan) and _runs_channels_last(parents[0], example):
@@ -377,7 +385,10 @@ def _runs_channels_last(model: nn.Module, example: Tensor) -> bool:
 
 
 def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:
-    """The fused model where parent 0 was, in its train/eval mode and the usual memory format."""
+    """The fused model where parent 0 was, in its train/eval mode and the usual memory format, its
+    parametrized layers as parent 0's."""
+    if parametrized_tensors(model):
+        fused = with_parametrizations(fused, model)
     parameter = next(model.parameters())
     return fused.to(parameter.device, memory_format=torch.contiguous_format).train(model.training)
 

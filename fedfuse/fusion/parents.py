@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 
 def check_parents(models: Sequence[nn.Module]) -> None:
@@ -28,7 +29,7 @@ def check_parents(models: Sequence[nn.Module]) -> None:
                 "materialise its weights before fusing"
             )
     reference = models[0].state_dict()
-    reference_modules = [(name, type(m), m.extra_repr()) for name, m in models[0].named_modules()]
+    reference_modules = _modules(models[0])
     for index, model in enumerate(models):
         state = model.state_dict()
         if index > 0:
@@ -59,7 +60,7 @@ def _check_same_state(index: int, reference: dict[str, Tensor], state: dict[str,
 
 
 def _check_same_modules(index: int, reference: list[tuple[str, type, str]], model: nn.Module) -> None:
-    modules = [(name, type(m), m.extra_repr()) for name, m in model.named_modules()]
+    modules = _modules(model)
     for ours, theirs in zip(modules, reference):
         if ours != theirs:
             (name, kind, details), (_, reference_kind, reference_details) = ours, theirs
@@ -69,3 +70,9 @@ def _check_same_modules(index: int, reference: list[tuple[str, type, str]], mode
             )
     if len(modules) != len(reference):
         raise ValueError(f"parent {index} has {len(modules)} modules; parent 0 has {len(reference)}")
+
+
+def _modules(model: nn.Module) -> list[tuple[str, type, str]]:
+    """Each module's name, class and settings. A parametrized module (``weight_norm``) counts by the class
+    it had before: torch makes a new class for every module it parametrizes."""
+    return [(name, type_before_parametrizations(m), m.extra_repr()) for name, m in model.named_modules()]
