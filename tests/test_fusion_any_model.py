@@ -21,6 +21,7 @@ from fedfuse.fusion.tracing import runnable, shared_code, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
+    AttentionResidual,
     BagOfWords,
     BatchSizeBranch,
     BidirectionalGRU,
@@ -49,6 +50,7 @@ from tests.user_models import (
     TextCNN,
     TiedNet,
     TinyMobileNet,
+    TransformerClassifier,
     Transposed,
     TutorialNet,
     UpsamplingNet,
@@ -56,6 +58,7 @@ from tests.user_models import (
 )
 
 EXACT = FusionConfig(ridge=0.0)
+SEEDED = torch.Generator().manual_seed(0)  # for inputs drawn at collection, in the module's order
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +399,30 @@ def test_a_traced_recurrent_layer_is_a_block_whose_hidden_units_are_grouped_and_
     assert (block.kind, block.neurons, block.grouping) == ("block", units, "kmeans")
     assert block.fit_r2 > 0.5
     assert all(level.epochs is None for level in levels if level.kind != "block")
+
+
+@pytest.mark.parametrize(
+    ("model", "block", "inputs", "grouping"),
+    [
+        (TransformerClassifier, "encoder", torch.randint(0, 30, (200, 12), generator=SEEDED), "kmeans"),
+        (AttentionResidual, "attention", torch.randn(200, 5, 6, generator=SEEDED), "stream"),
+    ],
+    ids=["transformer-encoder", "multihead-attention"],
+)
+def test_torchs_attention_and_transformer_layers_are_blocks_whose_model_width_is_grouped_and_trained(
+    model: type[nn.Module], block: str, inputs: torch.Tensor, grouping: str
+) -> None:
+    """``nn.TransformerEncoder`` (and its layers, decoders) and ``nn.MultiheadAttention`` (``a, _ =
+    attention(h, h, h)``) output their model width on the last axis: blocks with neurons, found by
+    tracing, trained by the default variant and named by the linear one. The attention's output is added
+    to its input, so its neurons are in the projection's stream, grouped with it."""
+    torch.manual_seed(0)
+    parents = [model().eval() for _ in range(2)]
+    with pytest.raises(ValueError, match=rf"only the gradient variant fits: '{block}'"):
+        fuse(parents, inputs, FusionConfig(variant="linear"))
+    levels = {level.name: level for level in fuse(parents, inputs).report.levels}
+    assert (levels[block].kind, levels[block].neurons, levels[block].grouping) == ("block", 16, grouping)
+    assert levels[block].fit_r2 > 0.5
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

@@ -582,3 +582,33 @@ class BidirectionalGRU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(F.one_hot(x, 30).float())
         return self.fc(out.mean(1))
+
+
+class TransformerClassifier(nn.Module):
+    """A text classifier built on torch's own ``nn.TransformerEncoder``, its tokens averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 16)
+        layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(self.embedding(x)).mean(dim=1))
+
+
+class AttentionResidual(nn.Module):
+    """Self-attention over a sequence of feature vectors, added to its input: ``a, _ = self.attention(h,
+    h, h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 16)
+        self.attention = nn.MultiheadAttention(16, num_heads=2, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        a, _ = self.attention(h, h, h)
+        return self.fc((h + a).mean(dim=1))

@@ -144,6 +144,16 @@ CHANNEL_PARAMETERS: dict[type[nn.Module], tuple[int, str | Callable[[nn.Module],
     nn.InstanceNorm1d: (1, "num_features"),
     nn.InstanceNorm2d: (1, "num_features"),
 }
+# Blocks whose output width a module declares other than by ``out_channels`` / ``out_features``: attention
+# and transformer layers, whose outputs hold their model width on the last axis (tokens before it).
+FEATURE_WIDTHS: dict[type[nn.Module], Callable[[nn.Module], int]] = {
+    nn.MultiheadAttention: lambda module: module.embed_dim,
+    nn.TransformerEncoderLayer: lambda module: module.self_attn.embed_dim,
+    nn.TransformerDecoderLayer: lambda module: module.self_attn.embed_dim,
+    nn.TransformerEncoder: lambda module: module.layers[0].self_attn.embed_dim,
+    nn.TransformerDecoder: lambda module: module.layers[0].self_attn.embed_dim,
+    nn.Transformer: lambda module: module.d_model,
+}
 # Attributes of a tensor that are the same tensor.
 SAME_TENSOR_ATTRIBUTES: frozenset[str] = frozenset({"data"})
 # Element-wise binary operations, with broadcasting.
@@ -362,6 +372,8 @@ class _Propagation(fx.Interpreter):
             )
             if isinstance(module, nn.RNNBase) and isinstance(value, tuple) and isinstance(value[0], Tensor):
                 return self._recurrent(node, value)
+            if isinstance(module, nn.MultiheadAttention) and isinstance(value, tuple):
+                return self._attention(node, module, value)
             produced = _declared_channels(module, value)
             return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
         if not isinstance(source, CARRYING):
@@ -560,6 +572,15 @@ class _Propagation(fx.Interpreter):
             self.pairs[f"{node.name}:state"] = (second, "an LSTM's cell state")
             second = f"{node.name}:state"
         self.pairs[node.name] = (first, second)
+        return UNKNOWN
+
+    def _attention(self, node: fx.Node, module: nn.MultiheadAttention, value: tuple) -> Annotation:
+        """``MultiheadAttention``'s ``(outputs, weights)``: the outputs' last axis holds ``embed_dim``
+        neurons of a space of their own; the weights (per pair of tokens) hold none."""
+        outputs = value[0]
+        produced = _declared_channels(module, outputs)
+        first = UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
+        self.pairs[node.name] = (first, "attention weights")
         return UNKNOWN
 
     def _pair_part(self, node: fx.Node, value: Any) -> Annotation:
@@ -769,11 +790,15 @@ def plain_forward(module: nn.Module) -> bool:
 
 def _declared_channels(module: nn.Module, value: Any) -> tuple[int, int] | None:
     """(axis, width) of the channels a module with parameters and no rule says it outputs: a convolution
-    fusion does not fit in closed form (``Conv3d``, ``ConvTranspose2d``: ``out_channels`` on axis 1) or a
-    Linear-like module (``out_features`` on the last axis). Its block's neurons can then be told apart."""
+    fusion does not fit in closed form (``Conv3d``, ``ConvTranspose2d``: ``out_channels`` on axis 1), a
+    Linear-like module (``out_features`` on the last axis) or an attention or transformer layer
+    (`FEATURE_WIDTHS`). Its block's neurons can then be told apart."""
     if not isinstance(value, Tensor) or value.dim() < 2:
         return None
     channels, features = getattr(module, "out_channels", None), getattr(module, "out_features", None)
+    for kind, width in FEATURE_WIDTHS.items():
+        if isinstance(module, kind):
+            features = width(module)
     if isinstance(channels, int) and value.dim() >= 3 and value.shape[1] == channels:
         return 1, channels
     if isinstance(features, int) and value.shape[-1] == features:
