@@ -28,6 +28,7 @@ from tests.user_models import (
     CalledTwice,
     CharLSTM,
     ConcatenatedOutput,
+    ConvLayerNorm,
     DataDependent,
     FeatureNet,
     GroupNormResNet,
@@ -423,6 +424,24 @@ def test_torchs_attention_and_transformer_layers_are_blocks_whose_model_width_is
     levels = {level.name: level for level in fuse(parents, inputs).report.levels}
     assert (levels[block].kind, levels[block].neurons, levels[block].grouping) == ("block", 16, grouping)
     assert levels[block].fit_r2 > 0.5
+
+
+def test_a_layer_norm_over_channels_and_positions_is_a_block_that_keeps_its_inputs_channels() -> None:
+    """``nn.LayerNorm([C, H, W])``: one parameter per channel and position, so no closed form, but channel
+    c stays at c, so the block it makes (with the convolution before it) has neurons that can be told
+    apart: the 8 x 36 values the flatten after it lays out, which the layer after it reads. Before, the
+    block's output was unknown and the model refused."""
+    torch.manual_seed(0)
+    parents = [ConvLayerNorm().eval() for _ in range(2)]
+    calibration = torch.randn(300, 1, 8, 8)
+    block, head = describe_levels(parents[0], calibration[:8]).levels
+    assert (block.kind, block.parameters) == (
+        "block",
+        ("conv.weight", "conv.bias", "norm.weight", "norm.bias"),
+    )
+    assert (block.width, head.source, head.kind) == (8 * 36, block.space, "linear")
+    levels = fuse(parents, calibration).report.levels
+    assert levels[0].grouping == "kmeans" and levels[0].fit_r2 > 0.5
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

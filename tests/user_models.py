@@ -612,3 +612,17 @@ class AttentionResidual(nn.Module):
         h = self.proj(x)
         a, _ = self.attention(h, h, h)
         return self.fc((h + a).mean(dim=1))
+
+
+class ConvLayerNorm(nn.Module):
+    """A CNN normalised by a LayerNorm over each sample's channels and positions (``[C, H, W]``), as some
+    federated CNNs replace BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.norm = nn.LayerNorm([8, 6, 6])
+        self.fc = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.norm(self.conv(x))).view(x.size(0), -1))

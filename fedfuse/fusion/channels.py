@@ -374,6 +374,8 @@ class _Propagation(fx.Interpreter):
                 return self._recurrent(node, value)
             if isinstance(module, nn.MultiheadAttention) and isinstance(value, tuple):
                 return self._attention(node, module, value)
+            if _norm_over_channels_and_positions(module, source, value):
+                return source  # channel c stays channel c: the block's neurons are its input's
             produced = _declared_channels(module, value)
             return UNKNOWN if produced is None else Channels(self.map.new_space(produced[1]), produced[0])
         if not isinstance(source, CARRYING):
@@ -804,6 +806,23 @@ def _declared_channels(module: nn.Module, value: Any) -> tuple[int, int] | None:
     if isinstance(features, int) and value.shape[-1] == features:
         return value.dim() - 1, features
     return None
+
+
+def _norm_over_channels_and_positions(module: nn.Module, source: Annotation, value: Any) -> bool:
+    """Whether ``module`` is a LayerNorm over the channels and every axis after them (``nn.LayerNorm([C,
+    H, W])`` on ``[N, C, H, W]``): its statistics mix no channel's identity, and its parameters, one per
+    channel and position, keep channel c at c. Not fitted in closed form (they are per position), it is a
+    block whose output neurons are its input's."""
+    if not (isinstance(module, nn.LayerNorm) and plain_forward(module) and isinstance(value, Tensor)):
+        return False
+    if not isinstance(source, Channels) or source.positions != 1:
+        return False
+    shape = tuple(module.normalized_shape)
+    return (
+        len(shape) > 1
+        and source.axis == value.dim() - len(shape)
+        and tuple(value.shape[source.axis :]) == shape
+    )
 
 
 def _keeps_channels(module: nn.Module, source: Annotation, value: Any) -> bool:
