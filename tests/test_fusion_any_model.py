@@ -21,6 +21,7 @@ from fedfuse.fusion.tracing import runnable, shared_code, subgraph, trace
 from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
+    TCN,
     AttentionResidual,
     BagOfWords,
     BatchSizeBranch,
@@ -442,6 +443,23 @@ def test_a_layer_norm_over_channels_and_positions_is_a_block_that_keeps_its_inpu
     assert (block.width, head.source, head.kind) == (8 * 36, block.space, "linear")
     levels = fuse(parents, calibration).report.levels
     assert levels[0].grouping == "kmeans" and levels[0].fit_r2 > 0.5
+
+
+def test_a_convolution_registered_twice_and_called_once_is_one_level_fitted_under_both_names() -> None:
+    """locuslab's TCN registers each convolution as ``conv1`` and inside ``net``: one module, one call, so
+    no tie to keep. A permuted copy fuses back into its function, and both names hold the fitted weights."""
+    torch.manual_seed(0)
+    model = TCN().eval()
+    calibration = torch.randn(700, 3, 40)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert [level.name for level in result.report.levels][:3] == [
+        "network.0.conv1",
+        "network.0.conv2",
+        "network.0.downsample",
+    ]
+    assert_same_function(result.model, model, torch.randn(50, 3, 40), tolerance=1e-4)
+    block = result.model.network[0]
+    assert block.net[0] is block.conv1 and result.model.state_dict().keys() == model.state_dict().keys()
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

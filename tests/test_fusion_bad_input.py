@@ -157,10 +157,10 @@ def test_a_model_without_parameters_is_refused() -> None:
         fuse([model, copy.deepcopy(model)], CALIBRATION)
 
 
-def test_a_module_registered_twice_is_refused_with_both_names() -> None:
+def test_a_module_called_twice_is_refused_by_its_name() -> None:
     shared = nn.Linear(6, 6)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 3))
-    with pytest.raises(ValueError, match="module '2' is the same module as '0'"):
+    with pytest.raises(ValueError, match=r"module '0' \(Linear\) holds parameters and is called 2 times"):
         fuse([model, copy.deepcopy(model)], CALIBRATION)
 
 

@@ -626,3 +626,45 @@ class ConvLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.norm(self.conv(x))).view(x.size(0), -1))
+
+
+class Chomp1d(nn.Module):
+    """Cuts a causal convolution's padding off the end of the time axis."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, : -self.size].contiguous()
+
+
+class TemporalBlock(nn.Module):
+    """locuslab's TCN block, as its code has it: each convolution registered as ``self.conv1`` and again
+    inside ``self.net``, which forward calls."""
+
+    def __init__(self, n_in: int, n_out: int, dilation: int) -> None:
+        super().__init__()
+        pad = 2 * dilation
+        self.conv1 = nn.Conv1d(n_in, n_out, 3, padding=pad, dilation=dilation)
+        self.conv2 = nn.Conv1d(n_out, n_out, 3, padding=pad, dilation=dilation)
+        self.net = nn.Sequential(
+            self.conv1, Chomp1d(pad), nn.ReLU(), nn.Dropout(0.2), self.conv2, Chomp1d(pad), nn.ReLU()
+        )
+        self.downsample = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.net(x) + res)
+
+
+class TCN(nn.Module):
+    """A temporal convolutional network over ``[N, channels, time]``, classified from its last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = nn.Sequential(TemporalBlock(3, 12, 1), TemporalBlock(12, 12, 2))
+        self.linear = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.network(x)[:, :, -1])

@@ -315,29 +315,25 @@ def plan_levels(
 
 
 def check_shared_parameters(model: nn.Module) -> None:
-    """Refuse a module registered twice and parameters shared between modules: fusion fits each level's
-    parameters on their own, once.
+    """Refuse parameters shared between modules (tied weights): fusion fits each level's parameters on
+    their own, once.
+
+    A module registered under two names is one module, not a tie: locuslab's TCN keeps each convolution
+    as ``self.conv1`` and again inside ``self.net``, and calls it once. Its fitted parameters reach both
+    names, which hold the same tensors. (A module *called* twice is refused when the model is traced.)
 
     Raises:
-        ValueError: naming both places of a shared module or parameter.
+        ValueError: naming both places of a shared parameter.
     """
-    modules: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in modules and any(True for _ in module.parameters()):
-            raise ValueError(
-                f"module '{name}' is the same module as '{modules[id(module)]}' (registered twice, so its "
-                "parameters are used in two places); fusion fits each place on its own and cannot keep them "
-                "shared. Give each place its own module"
-            )
-        modules.setdefault(id(module), name)
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[str, nn.Module]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if id(parameter) in seen and seen[id(parameter)][1] is not owner:
             raise ValueError(
-                f"parameter '{name}' is the same tensor as '{seen[id(parameter)]}' (tied weights); fusion "
+                f"parameter '{name}' is the same tensor as '{seen[id(parameter)][0]}' (tied weights); fusion "
                 "fits every level on its own and cannot keep them tied. Give each module its own parameters"
             )
-        seen[id(parameter)] = name
+        seen.setdefault(id(parameter), (name, owner))
 
 
 # --- traced models ------------------------------------------------------------------------------------------
