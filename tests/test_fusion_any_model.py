@@ -462,6 +462,28 @@ def test_a_convolution_registered_twice_and_called_once_is_one_level_fitted_unde
     assert block.net[0] is block.conv1 and result.model.state_dict().keys() == model.state_dict().keys()
 
 
+def test_a_batch_norm_without_running_statistics_is_a_block_normalising_each_batch_as_the_parents_do() -> (
+    None
+):
+    """``BatchNorm1d(track_running_stats=False)`` normalises by each batch's statistics even in eval mode:
+    no affine map to fold, so a block, trained on calibration batches like the parents' (fusion never runs
+    a parent on a batch of one, which such a norm refuses)."""
+    torch.manual_seed(0)
+    parents = [
+        nn.Sequential(
+            nn.Linear(20, 32), nn.BatchNorm1d(32, track_running_stats=False), nn.ReLU(), nn.Linear(32, 4)
+        )
+        for _ in range(3)
+    ]
+    levels = fuse([parent.eval() for parent in parents], torch.randn(300, 20)).report.levels
+    assert [(level.name, level.kind) for level in levels] == [
+        ("0", "linear"),
+        ("1", "block"),
+        ("3", "linear"),
+    ]
+    assert levels[1].fit_r2 > 0.9
+
+
 def test_tied_weights_are_refused_with_both_names() -> None:
     with pytest.raises(ValueError, match=r"'fc2.weight' is the same tensor as 'fc1.weight' \(tied weights\)"):
         fuse([TiedNet(), TiedNet()], torch.randn(32, 8))

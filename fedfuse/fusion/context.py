@@ -74,10 +74,10 @@ class FusionContext:
 
     def values_per_sample(self, places: Sequence[str]) -> int:
         """How many values one calibration sample gives at ``places`` in one parent (measured once per
-        set of places: a run of parent 0 on one sample)."""
+        set of places: a run of parent 0 on two samples, as a BatchNorm without running statistics needs)."""
         key = tuple(places)
         if key not in self.sizes:
-            example = self.calibration.example(self.device, self.dtype, size=1)
+            example = self.calibration.example(self.device, self.dtype, size=2)  # a batch norm needs two
             with torch.no_grad():
                 values = self.parent_reader.read(self.parents[0], example, places)
             self.sizes[key] = sum(value[:1].numel() for value in values)
