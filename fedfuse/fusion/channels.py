@@ -610,7 +610,11 @@ class _Propagation(fx.Interpreter):
         return self._opaque(node, f"the attribute .{node.args[1]} of neurons: fusion has no rule for it")
 
     def _joined(self, node: fx.Node, value: Tensor) -> Annotation:
+        """An element-wise operation: the operands' channels line up one to one, so their spaces are one.
+        An operand of one neuron broadcast over every channel (an attention-pooling score ``w * h``, a
+        gate) is no channel of theirs: its one neuron is matched by index, and it joins no space."""
         result: Channels | None = None
+        broadcast: list[Channels] = []
         for arg in (*node.args, *node.kwargs.values()):
             if not isinstance(arg, fx.Node):
                 continue  # a Python number broadcasts over every channel alike
@@ -619,6 +623,12 @@ class _Propagation(fx.Interpreter):
             if shape is None:
                 continue
             offset = value.dim() - len(shape)
+            if (
+                isinstance(annotation, Channels)
+                and shape[annotation.axis] == 1 < value.shape[annotation.axis + offset]
+            ):
+                broadcast.append(annotation)
+                continue
             if isinstance(annotation, Channels):
                 aligned = Channels(annotation.space, annotation.axis + offset, annotation.positions)
                 if result is None:
@@ -629,6 +639,10 @@ class _Propagation(fx.Interpreter):
                     result = Channels(
                         self.map.join(result.space, aligned.space), result.axis, result.positions
                     )
+        if broadcast and (result is None or node.target in SUMS):
+            return self._opaque(node, "a sum with one neuron broadcast over every channel")
+        for annotation in broadcast:
+            self.map.fix(annotation.space, "its one neuron scales every channel of another space")
         assert result is not None
         for arg in (*node.args, *node.kwargs.values()):
             if not isinstance(arg, fx.Node) or arg.name not in self.map.shapes:

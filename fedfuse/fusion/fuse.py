@@ -279,7 +279,7 @@ def _plan(
     plan.check(config.variant, config.width_multiplier)
     if config.grouping != "index":
         for space in plan.spaces.values():
-            if space.why_fixed:
+            if space.why_fixed and space.width > 1:  # one neuron is matched by index as it is grouped
                 warnings.warn(
                     f"level '{space.name}': its neurons are matched by index, not grouped "
                     f"({space.why_fixed}); parents trained from different starts fuse poorly there. Write "
