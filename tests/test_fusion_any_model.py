@@ -22,10 +22,12 @@ from tests.permutation import permuted_copy
 from tests.test_fusion_recovers_functions import assert_same_function, trained_statistics
 from tests.user_models import (
     TCN,
+    AttentionPooling,
     AttentionResidual,
     BagOfWords,
     BatchSizeBranch,
     BidirectionalGRU,
+    BidirectionalLSTMState,
     CalledTwice,
     CharLSTM,
     ConcatenatedOutput,
@@ -46,6 +48,7 @@ from tests.user_models import (
     Reordered,
     ShapeBranches,
     SmallResNet,
+    SplitBranches,
     SqueezeExcite,
     StateLSTM,
     SummedOutput,
@@ -482,6 +485,47 @@ def test_a_batch_norm_without_running_statistics_is_a_block_normalising_each_bat
         ("3", "linear"),
     ]
     assert levels[1].fit_r2 > 0.9
+
+
+def test_one_neuron_broadcast_over_the_channels_it_weights_joins_none_of_them() -> None:
+    """Attention pooling's ``w * h``: the score ``w`` (one neuron, ``[N, T, 1]``) scales every channel of
+    ``h`` and is no channel of theirs. Joining its space to ``h``'s crashed the grouping (16 neurons
+    against 1); it stays a space of one neuron, and a permuted copy fuses back into the function."""
+    torch.manual_seed(0)
+    model = AttentionPooling().eval()
+    calibration = torch.randn(700, 7, 6)
+    plan = describe_levels(model, calibration[:8])
+    proj, score, _ = plan.levels
+    assert (score.width, score.space != proj.space, plan.spaces[score.space].fixed) == (1, True, True)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(50, 7, 6), tolerance=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "block", "width"),
+    [
+        (BidirectionalLSTMState, torch.randint(0, 30, (300, 9), generator=SEEDED), "lstm", 20),
+        (SplitBranches, torch.randn(300, 3, 12, 12, generator=SEEDED), "[left..right]", 16),
+    ],
+    ids=["both-directions-final-states", "split-branches"],
+)
+def test_channels_concatenated_from_spaces_only_a_block_made_are_that_blocks_neurons(
+    model: type[nn.Module], inputs: torch.Tensor, block: str, width: int
+) -> None:
+    """``torch.cat((h[-2], h[-1]), dim=1)`` of a bidirectional LSTM, or two convolutions on the halves of
+    a ``torch.split``: the concatenated channels come from spaces no level outside the block makes, so
+    they are the block's own neurons, grouped, and what the next layer reads. Before, the next layer read
+    spaces that no longer existed (``KeyError: '#3'``), and the split block took the width axis for its
+    channels."""
+    torch.manual_seed(0)
+    plan = describe_levels(model(), inputs[:8])
+    level = next(level for level in plan.levels if level.name == block)
+    assert (level.kind, level.width, plan.levels[-1].source) == ("block", width, level.space)
+    levels = {level.name: level for level in fuse([model().eval() for _ in range(3)], inputs).report.levels}
+    assert (levels[block].neurons, levels[block].grouping) == (width, "kmeans")
+    parent = model().eval()
+    result = fuse([parent, copy.deepcopy(parent)], torch.cat([inputs, inputs]), EXACT)
+    assert_same_function(result.model, parent, inputs[:50], tolerance=1e-4)
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

@@ -668,3 +668,50 @@ class TCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.network(x)[:, :, -1])
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling over time: a score per step (one neuron), softmaxed over time, weights the steps'
+    features: ``(w * h).sum(1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 16)
+        self.score = nn.Linear(16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(x))
+        w = torch.softmax(self.score(h), dim=1)
+        return self.fc((w * h).sum(1))
+
+
+class BidirectionalLSTMState(nn.Module):
+    """The usual bidirectional LSTM text classifier: both directions' final states, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 12, padding_idx=0)
+        self.lstm = nn.LSTM(12, 10, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.embedding(x))
+        return self.fc(torch.cat((h[-2], h[-1]), dim=1))
+
+
+class SplitBranches(nn.Module):
+    """Channels split in two halves, each through its own convolution, then concatenated again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        a, b = torch.split(x, 8, dim=1)
+        x = torch.cat([F.relu(self.left(a)), F.relu(self.right(b))], dim=1)
+        return self.fc(F.adaptive_avg_pool2d(x, (1, 1)).view(x.size(0), -1))

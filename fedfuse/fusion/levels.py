@@ -344,6 +344,9 @@ class _TracedPlanner:
         self.position = {node.name: index for index, node in enumerate(self.nodes)}
         self.by_name = {node.name: node for node in self.nodes}
         self.opaque = dict(channels.opaque)
+        # Concatenations of spaces that only a block made (their layers absorbed in it, or a recurrent
+        # state's `h[-2]` and `h[-1]`): the block's output, one space of its own (`_block_output`).
+        self.block_outputs: dict[tuple[tuple[int, int], ...], int] = {}
 
     def plan(self) -> LevelPlan:
         self._check_module_reuse()
@@ -469,7 +472,7 @@ class _TracedPlanner:
             if isinstance(source, Channels):
                 self.map.fix(source.space, reasons[0])
             return None
-        annotation = self.map.annotations.get(exit_)
+        annotation = self._block_output(exit_, names)
         shape = self.map.shapes.get(exit_, ())
         output = output_node(self.graph_module.graph)
         if isinstance(annotation, Channels):
@@ -501,6 +504,20 @@ class _TracedPlanner:
             reason=reasons[0],
         )
 
+    def _block_output(self, exit_: str, names: set[str]) -> Annotation:
+        """What a block outputs: its exit's annotation, or, for channels concatenated from spaces that no
+        level outside the block makes, a new space of them all, which every layer reading that
+        concatenation reads instead (`block_outputs`)."""
+        annotation = self.map.annotations.get(exit_)
+        if not isinstance(annotation, Concatenated):
+            return annotation
+        outside = {self.map.find(call.space) for call in self.map.layers.values() if call.node not in names}
+        if any(space == FIXED or self.map.find(space) in outside for space, _ in annotation.parts):
+            return annotation
+        space = self.block_outputs[annotation.parts] = self.map.new_space(annotation.width)
+        self.map.annotations[exit_] = Channels(space, annotation.axis, annotation.positions)
+        return self.map.annotations[exit_]
+
     # -- layers ----------------------------------------------------------------------------------------------
     def _layer_level(self, call: LayerCall) -> Level:
         node = self.by_name[call.node]
@@ -512,6 +529,8 @@ class _TracedPlanner:
         annotation = self.map.annotations[call.output_node]
         assert isinstance(annotation, Channels)
         source = call.input
+        if isinstance(source, Concatenated) and source.parts in self.block_outputs:
+            source = Channels(self.block_outputs[source.parts], source.axis, source.positions)
         concatenated = (
             tuple((self._source_name(Channels(space, 1)), width) for space, width in source.parts)
             if isinstance(source, Concatenated)
