@@ -40,6 +40,7 @@ from tests.user_models import (
     KimCNN,
     LayerNormMLP,
     MaxOfBranches,
+    MaxOverTime,
     MnistExampleNet,
     NormalisingNet,
     PReLUNet,
@@ -526,6 +527,18 @@ def test_channels_concatenated_from_spaces_only_a_block_made_are_that_blocks_neu
     parent = model().eval()
     result = fuse([parent, copy.deepcopy(parent)], torch.cat([inputs, inputs]), EXACT)
     assert_same_function(result.model, parent, inputs[:50], tolerance=1e-4)
+
+
+def test_the_indices_of_a_max_that_nothing_reads_do_not_fix_the_channels_before_it() -> None:
+    """``x, _ = torch.max(x, dim=2)`` records the indices too; unread, they are dropped from the graph, so
+    ``conv2`` is grouped (it was matched by index, with a warning) and a permuted copy fuses back."""
+    torch.manual_seed(0)
+    model = MaxOverTime().eval()
+    calibration = torch.randn(700, 20, 6)
+    plan = describe_levels(model, calibration[:8])
+    assert [space.fixed for space in plan.spaces.values()] == [False, False, True]  # the classes keep theirs
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(50, 20, 6), tolerance=1e-4)
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

@@ -715,3 +715,19 @@ class SplitBranches(nn.Module):
         a, b = torch.split(x, 8, dim=1)
         x = torch.cat([F.relu(self.left(a)), F.relu(self.right(b))], dim=1)
         return self.fc(F.adaptive_avg_pool2d(x, (1, 1)).view(x.size(0), -1))
+
+
+class MaxOverTime(nn.Module):
+    """A 1-d CNN over ``[N, T, features]`` sequences, max-pooled over time with the indices thrown away:
+    ``x, _ = torch.max(x, dim=2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(6, 16, 5, padding=2)
+        self.conv2 = nn.Conv1d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x.permute(0, 2, 1)))
+        x, _ = torch.max(F.relu(self.conv2(x)), dim=2)
+        return self.fc(x)

@@ -210,9 +210,19 @@ def trace(model: nn.Module, leaves: Iterable[str] = (), example: Tensor | None =
     except Exception as error:  # fx raises TraceError, RuntimeError, TypeError... on what it cannot record
         graph = _trace_with_shapes(model, leaves, example, defaults, error)
     _drop_specialised_inputs(graph)
+    _drop_unused_parts(graph)
     _make_constants_in_the_graph(graph, model)
     copy_before_in_place(graph, model)
     return fx.GraphModule(model, graph)
+
+
+def _drop_unused_parts(graph: fx.Graph) -> None:
+    """Remove the parts of a tuple that nothing reads: ``x, _ = torch.max(x, dim=2)`` records the indices
+    too, and a rule for them (positions, no neurons) would fix the channels before, though nothing uses
+    them. Taking a part computes nothing, so removing it changes no value."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            graph.erase_node(node)
 
 
 #: The most values a tensor the forward makes from literals may hold to be written into the graph's code.
