@@ -143,3 +143,30 @@ def test_seeding_from_the_table_of_all_pairs_picks_the_centres_measuring_each_pi
     measured = kmeans._greedy_kmeans_plusplus(points, weights, norms, 60, torch.Generator().manual_seed(seed))
     assert torch.equal(tabled, measured)
     assert len(torch.unique(tabled, dim=0)) == 60
+
+
+def test_seeding_many_points_per_cluster_draws_from_a_sample_and_costs_about_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past `SEEDING_POINTS_PER_CLUSTER` points per cluster (K > 16 parents), the centres are drawn from a
+    seeded sample of that many points per cluster, so the seeding's cost does not grow with K; Lloyd on
+    every point then ends within a few percent of the cost a seeding on every point reaches."""
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(4096, 32, generator=generator)
+    weights = torch.rand(4096, generator=generator) + 0.5
+    seeded_from: list[int] = []
+    greedy = kmeans._greedy_kmeans_plusplus
+
+    def watched(points: torch.Tensor, *args: object) -> torch.Tensor:
+        seeded_from.append(len(points))
+        return greedy(points, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kmeans, "_greedy_kmeans_plusplus", watched)
+    sampled = [weighted_kmeans(points, weights, 64, seed=seed) for seed in range(3)]
+    again = weighted_kmeans(points, weights, 64, seed=0)  # the sample is seeded: same seed, same clustering
+    assert torch.equal(again.labels, sampled[0].labels)
+    assert seeded_from == [kmeans.SEEDING_POINTS_PER_CLUSTER * 64] * 4
+    monkeypatch.setattr(kmeans, "SEEDING_POINTS_PER_CLUSTER", len(points))
+    everywhere = [weighted_kmeans(points, weights, 64, seed=seed).inertia for seed in range(3)]
+    assert seeded_from[4:] == [4096] * 3
+    assert sum(found.inertia for found in sampled) < 1.03 * sum(everywhere)

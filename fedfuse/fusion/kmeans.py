@@ -79,16 +79,33 @@ def weighted_kmeans(
     best: Clustering | None = None
     weighted = points * weights[:, None]
     for _ in range(1 if starts else n_init):
-        centres = (
-            starts[0]
-            if starts
-            else _greedy_kmeans_plusplus(points, weights, squared_norms, clusters, generator)
-        )
+        centres = starts[0] if starts else _seeded(points, weights, squared_norms, clusters, generator)
         found = _lloyd(points, weighted, weights, squared_norms, centres, max_iter, threshold, cost_tol)
         if best is None or found.inertia < best.inertia:
             best = found
     assert best is not None
     return Clustering(best.labels, best.centres + mean, best.inertia, best.iterations)
+
+
+#: The seeding draws its centres from at most this many points per cluster: from a sample of them where
+#: there are more (a space of n neurons per parent has K·n points for n clusters, so this is K > 16).
+#: Each seeding step reads every point it draws from, so its cost would otherwise grow with K·n·k; on the
+#: sample it stays fixed, and Lloyd's iterations, on every point, correct what the sample missed.
+SEEDING_POINTS_PER_CLUSTER = 16
+
+
+def _seeded(
+    points: Tensor, weights: Tensor, squared_norms: Tensor, clusters: int, generator: torch.Generator
+) -> Tensor:
+    """Greedy k-means++ centres, drawn from a seeded sample of the points when they are many
+    (`SEEDING_POINTS_PER_CLUSTER`)."""
+    limit = SEEDING_POINTS_PER_CLUSTER * clusters
+    if len(points) <= limit:
+        return _greedy_kmeans_plusplus(points, weights, squared_norms, clusters, generator)
+    sample = torch.randperm(len(points), generator=generator)[:limit].sort().values
+    return _greedy_kmeans_plusplus(
+        points[sample], weights[sample], squared_norms[sample], clusters, generator
+    )
 
 
 def _greedy_kmeans_plusplus(
