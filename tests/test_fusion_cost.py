@@ -71,3 +71,20 @@ def test_inside_a_residual_block_checkpoints_keep_the_block_input_for_the_shortc
     assert checkpointed < from_input / 3
     with torch.no_grad():
         assert torch.equal(fused(calibration[0]), fused_from_input(calibration[0]))
+
+
+def test_the_grouping_cost_worked_in_chunks_of_neurons_equals_it_worked_at_once(monkeypatch) -> None:
+    """`grouping_cost` holds a few chunks of points, not copies of all K·n: the same figure either way."""
+    from fedfuse.fusion import clustering
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(1000, 30, generator=generator, dtype=torch.float64)
+    scales = torch.rand(1000, generator=generator, dtype=torch.float64) + 0.5
+    shares = torch.zeros(1000, 40, dtype=torch.float64)
+    shares[torch.arange(1000), torch.randint(0, 40, (1000,), generator=generator)] = 0.1
+    scores, variances = torch.rand(1000, generator=generator, dtype=torch.float64), points.var(1)
+    whole = clustering.grouping_cost(points * scales[:, None], variances, scores, shares)
+    monkeypatch.setattr(clustering, "COST_CHUNK", 64)
+    assert clustering.grouping_cost(points, variances, scores, shares, scales) == pytest.approx(
+        whole, rel=1e-12
+    )

@@ -46,4 +46,8 @@ def test_the_benchmark_reports_seconds_memory_accuracy_and_limit_ratio_for_every
         assert row["limit_ratio"] == pytest.approx(row["seconds"] / row["pass_seconds"])
         assert row["repeats"] == 2 and row["seconds_median"] >= row["seconds"]
         assert 0.3 < row["accuracy"] <= 1.0  # fused digits MLPs beat chance (0.1) by far
+        assert row["peak_mb"] is None or row["peak_mb"] <= row["stated_mb"]  # docs/fusion.md's promise
+        assert row["stated_mb"] == pytest.approx(
+            sum(v for k, v in row["stated_terms_mb"].items() if k != "total")
+        )
     assert document["machine"]["cpus"] and document["setting"]["seed"] == 0

@@ -87,7 +87,7 @@ def aligned_average(
         ``[fan_in' (+1), g]``: the prior in the layout of the closed-form solution (one column per
         fused neuron), fan_in' = input_groups · positions.
     """
-    aligned = []
+    prior: Tensor | None = None  # mixed parent by parent: never all K·n re-indexed rows at once
     for k, weight in enumerate(weights):
         bias = weight[:, -1:] if with_bias else weight[:, :0]
         matrix = weight[:, :-1] if with_bias else weight
@@ -99,9 +99,12 @@ def aligned_average(
             summed = blocks.new_zeros(matrix.shape[0], input_groups, blocks.shape[2])
             summed.index_add_(1, groups, blocks)
             matrix = summed.flatten(1)
-        aligned.append(torch.cat([matrix, bias], dim=1))
-    stacked = torch.cat(aligned, dim=0)  # [K·n, fan_in' (+1)]
-    return mix(shares.to(stacked.device), stacked).T
+        aligned = torch.cat([matrix, bias], dim=1)  # [n, fan_in' (+1)]
+        rows = slice(k * len(weight), (k + 1) * len(weight))
+        part = mix(shares[rows].to(aligned.device), aligned)
+        prior = part if prior is None else prior + part
+    assert prior is not None
+    return prior.T
 
 
 def weight_norm(weights: Tensor, with_bias: bool) -> float:

@@ -249,7 +249,7 @@ def _costs(
     inverse = 1.0 / scales
     return {
         point.place: grouping_cost(
-            embedding.points() * inverse[:, None], embedding.variances.cpu() * inverse**2, scores, unit_shares
+            embedding.points(), embedding.variances.cpu() * inverse**2, scores, unit_shares, inverse
         )
         for point, embedding in zip(space.points, embeddings)
     }
