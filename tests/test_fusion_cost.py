@@ -18,6 +18,8 @@ from tests.user_models import QuickstartNet, SmallResNet
 # The module, not the function `fedfuse.fusion.fuse` that the package exports under the same name.
 fuse_module = importlib.import_module("fedfuse.fusion.fuse")
 
+BATCHES_OF_64 = FusionConfig(batch_size=64)
+
 
 def _calls(
     parents: list[nn.Module],
@@ -25,6 +27,7 @@ def _calls(
     budget: int,
     monkeypatch: pytest.MonkeyPatch,
     calibration: tuple[torch.Tensor, torch.Tensor],
+    config: FusionConfig = BATCHES_OF_64,
 ) -> tuple[int, nn.Module]:
     """How often ``layer`` of the parents runs in one fusion with checkpoints of ``budget`` values."""
     calls = [0]
@@ -34,7 +37,7 @@ def _calls(
 
     handles = [layer(parent).register_forward_hook(count) for parent in parents]  # copied with the parents
     monkeypatch.setattr(fuse_module, "CHECKPOINT_VALUES", budget)
-    fused = fuse(parents, calibration, FusionConfig(batch_size=64)).model
+    fused = fuse(parents, calibration, config).model
     for handle in handles:
         handle.remove()
     return calls[0], fused
@@ -71,6 +74,27 @@ def test_inside_a_residual_block_checkpoints_keep_the_block_input_for_the_shortc
     assert checkpointed < from_input / 3
     with torch.no_grad():
         assert torch.equal(fused(calibration[0]), fused_from_input(calibration[0]))
+
+
+def test_the_gradient_variant_fits_a_streams_levels_to_the_values_its_grouping_pass_kept(monkeypatch) -> None:
+    """Each level of a residual stream fits to the sum it completes. The stream's grouping pass keeps the
+    parents' values there, and the gradient variant reads them as the linear variant does, instead of
+    running the parents again for every level: the same fused model, in fewer runs of the block."""
+    from fedfuse.fusion.context import FusionContext
+
+    parents = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        parents.append(SmallResNet().eval())
+    calibration = (INPUTS[:96, :1, :16, :16], LABELS[:96])
+    config = FusionConfig(batch_size=64, variant="gradient", epochs=1)
+    block_conv = operator.attrgetter("layer1.0.conv2")
+    kept, fused = _calls(parents, block_conv, CHECKPOINT_VALUES, monkeypatch, calibration, config)
+    monkeypatch.setattr(FusionContext, "collecting_targets", lambda self, space: {})
+    rerun, fused_rerunning = _calls(parents, block_conv, CHECKPOINT_VALUES, monkeypatch, calibration, config)
+    assert kept < rerun
+    with torch.no_grad():
+        assert torch.equal(fused(calibration[0]), fused_rerunning(calibration[0]))
 
 
 def test_the_grouping_cost_worked_in_chunks_of_neurons_equals_it_worked_at_once(monkeypatch) -> None:

@@ -48,7 +48,7 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     grouping = context.groupings.get(space.name)
     method = "stream" if grouping is not None else None
     if grouping is None:
-        embeddings = measure_points(space, context)
+        embeddings = measure_points(space, context, keep_targets=True)
         seconds["statistics"] = time.perf_counter() - clock
         grouping = context.groupings[space.name] = group_space(space, embeddings, context)
         seconds["importance"], seconds["grouping"] = grouping.importance_seconds, grouping.grouping_seconds
@@ -59,6 +59,8 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     fused_level = context.fused_level(level)
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
     inputs, targets = _cache(level, grouping, context, direct)
+    if space.levels[-1] == level.name:
+        context.forget_targets(space)
     body = context.fused_reader.body(context.fused, fused_level)
     parameters = [context.fused.get_parameter(name) for name in fused_level.parameters]
     owners = _owners(context.fused, fused_level)
@@ -98,17 +100,22 @@ def _cache(
 ) -> tuple[Tensor, Tensor]:
     """The fused model's inputs to the level and its targets (group targets, or the classes' own target
     when ``direct`` names one, `class_targets`; minus the fused residual terms), for every calibration
-    sample."""
+    sample. The parents' values at a stream's sums come from its grouping pass where it kept them
+    (`FusionContext.stream_targets`), so the parents do not run again for each level of a stream."""
     shares = grouping.shares.to(context.device, context.dtype)
     inputs, targets = [], []
     places = [level.input, *level.residual]
+    kept = context.stream_targets.get(level.target)
     with torch.no_grad():
         for index, (batch, labels) in enumerate(context.calibration.batches(context.device, context.dtype)):
             at = (index, slice(None))
             fused_input, *terms = context.fused_reader.read(context.fused, batch, places, at)
             inputs.append(fused_input.detach())
             outputs = [
-                context.parent_reader.read(parent, batch, [level.target], at)[0] for parent in context.parents
+                kept[id(parent)][index]
+                if kept is not None
+                else context.parent_reader.read(parent, batch, [level.target], at)[0]
+                for parent in context.parents
             ]
             stacked = torch.cat([out.movedim(level.axis, -1) for out in outputs], dim=-1)
             rows = stacked.reshape(-1, stacked.shape[-1])
