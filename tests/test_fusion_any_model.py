@@ -33,6 +33,7 @@ from tests.user_models import (
     ConcatenatedOutput,
     ConvLayerNorm,
     DataDependent,
+    DenseNetBC,
     FeatureNet,
     GroupNormResNet,
     InceptionNet,
@@ -53,6 +54,7 @@ from tests.user_models import (
     SqueezeExcite,
     StateLSTM,
     SummedOutput,
+    TabularEmbeddings,
     TextCNN,
     TiedNet,
     TinyMobileNet,
@@ -539,6 +541,71 @@ def test_the_indices_of_a_max_that_nothing_reads_do_not_fix_the_channels_before_
     assert [space.fixed for space in plan.spaces.values()] == [False, False, True]  # the classes keep theirs
     result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
     assert_same_function(result.model, model, torch.randn(50, 20, 6), tolerance=1e-4)
+
+
+def _tabular(count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(count)
+    categories = [torch.randint(0, cardinality, (count, 1), generator=generator) for cardinality in (5, 7, 3)]
+    return torch.cat([*categories, torch.randn(count, 4, generator=generator)], 1).float()
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [(DenseNetBC, torch.randn(700, 1, 8, 8, generator=SEEDED)), (TabularEmbeddings, _tabular(700))],
+    ids=["densenet-bc", "tabular-embeddings"],
+)
+def test_a_blocks_channels_concatenated_with_channels_it_passes_through_keep_their_index(
+    model: type[nn.Module], inputs: torch.Tensor
+) -> None:
+    """A BatchNorm that follows no layer (DenseNet-BC's pre-activation of the running concatenation, a
+    tabular model's numeric columns) makes a block, whose own channels are concatenated with channels it
+    passes through (the block's input, the model's input): no grouping of the block can move those, so
+    the concatenation keeps its index, said by name. Before, the next layer read spaces no level made
+    (``KeyError: '#1'``)."""
+    torch.manual_seed(0)
+    plan = describe_levels(model(), inputs[:8])
+    assert "a block's output concatenates its own channels with channels it passes through" in str(plan)
+    parents = [model().eval() for _ in range(2)]
+    with pytest.warns(UserWarning, match="matched by index, not grouped"):
+        fuse(parents, inputs[:300])
+    parent = model().eval()
+    result = fuse([parent, copy.deepcopy(parent)], inputs, EXACT)
+    assert_same_function(result.model, parent, inputs[:50], tolerance=1e-4)
+
+
+def test_a_submodule_named_by_a_python_keyword_is_refused_by_name_not_with_a_syntax_error() -> None:
+    """A personalised head kept as ``nn.ModuleDict({"global": ..., "local": ...})``: torch.fx writes
+    ``self.heads.global(...)``, which is no Python; the refusal says so and names the line."""
+
+    class PersonalHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Linear(8, 16)
+            self.heads = nn.ModuleDict({"global": nn.Linear(16, 3), "local": nn.Linear(16, 3)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.heads["global"](torch.relu(self.base(x)))
+
+    with pytest.raises(UntraceableModelError, match=r"self\.heads\.global\(.*a Python keyword"):
+        fuse([PersonalHeads(), PersonalHeads()], torch.randn(32, 8))
+
+
+def test_padding_the_positions_keeps_the_channels_and_padding_the_channels_fixes_them() -> None:
+    """Reflection and replication padding of an image's positions keep each channel where it is, like
+    pooling (a permuted copy fuses back); a 1-d padding of ``[N, C]`` pads the channels themselves, which
+    then keep their index."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.ReflectionPad2d(1), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReplicationPad2d(1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()  # fmt: skip
+    calibration = torch.randn(800, 1, 8, 8)
+    result = fuse([model, permuted_copy(model, seed=1, example=calibration)], calibration, EXACT)
+    assert_same_function(result.model, model, torch.randn(50, 1, 8, 8), tolerance=1e-4)
+    padded_features = nn.Sequential(nn.Linear(5, 6), nn.ConstantPad1d(1, 0.0), nn.ReLU(), nn.Linear(8, 3))
+    assert "'1' (ConstantPad1d): fusion has no rule" in str(
+        describe_levels(padded_features, torch.randn(4, 5))
+    )
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

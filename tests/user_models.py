@@ -731,3 +731,52 @@ class MaxOverTime(nn.Module):
         x = F.relu(self.conv1(x.permute(0, 2, 1)))
         x, _ = torch.max(F.relu(self.conv2(x)), dim=2)
         return self.fc(x)
+
+
+class Bottleneck(nn.Module):
+    """DenseNet-BC's layer: pre-activation (BatchNorm, ReLU) 1x1 then 3x3 convolutions, its output
+    concatenated in front of its input."""
+
+    def __init__(self, channels: int, growth: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return torch.cat([out, x], 1)
+
+
+class DenseNetBC(nn.Module):
+    """A small DenseNet-BC in kuangliu's style: one dense block of two bottlenecks, BatchNorm before the
+    head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.dense = nn.Sequential(Bottleneck(8, 4), Bottleneck(12, 4))
+        self.bn = nn.BatchNorm2d(16)
+        self.linear = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.avg_pool2d(F.relu(self.bn(self.dense(self.conv1(x)))), 8)
+        return self.linear(out.view(out.size(0), -1))
+
+
+class TabularEmbeddings(nn.Module):
+    """A tabular model on one tensor: the first three columns are categories (``x[:, :3].long()``), each
+    embedded, beside the numeric columns through a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList([nn.Embedding(cardinality, 3) for cardinality in (5, 7, 3)])
+        self.numeric = nn.BatchNorm1d(4)
+        self.mlp = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        categories = x[:, :3].long()
+        embedded = torch.cat([embedding(categories[:, i]) for i, embedding in enumerate(self.embeddings)], 1)
+        return self.mlp(torch.cat([embedded, self.numeric(x[:, 3:])], 1))

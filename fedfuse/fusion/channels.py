@@ -109,8 +109,17 @@ PRESERVING_METHODS: frozenset[str] = frozenset({
 # Channels stay on axis 1 of [N, C, ...]; the positions after it are pooled.
 POOLING_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.MaxPool3d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )  # fmt: skip
+# Padding of the last 1, 2 or 3 axes: channels stay where they are, as for pooling, when they are not
+# among the padded axes (a 1-d padding of [N, C] pads the channels).
+PADDING_MODULES: dict[type[nn.Module], int] = {
+    nn.ReflectionPad1d: 1, nn.ReflectionPad2d: 2, nn.ReflectionPad3d: 3, nn.ReplicationPad1d: 1,
+    nn.ReplicationPad2d: 2, nn.ReplicationPad3d: 3, nn.ZeroPad1d: 1, nn.ZeroPad2d: 2, nn.ZeroPad3d: 3,
+    nn.ConstantPad1d: 1, nn.ConstantPad2d: 2, nn.ConstantPad3d: 3, nn.CircularPad1d: 1,
+    nn.CircularPad2d: 2, nn.CircularPad3d: 3,
+}  # fmt: skip
 POOLING_FUNCTIONS: frozenset[Callable] = frozenset({
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
@@ -383,6 +392,9 @@ class _Propagation(fx.Interpreter):
         if isinstance(module, PRESERVING_MODULES):
             return source
         if isinstance(module, POOLING_MODULES):
+            return self._pooled(node, source, value)
+        padded = next((axes for kind, axes in PADDING_MODULES.items() if isinstance(module, kind)), None)
+        if padded is not None and isinstance(value, Tensor) and value.dim() - padded >= 2:
             return self._pooled(node, source, value)
         if isinstance(module, RESHAPING_MODULES):
             return self._reshaped(node, source, self._arg_shape(node), value)

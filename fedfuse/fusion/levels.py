@@ -505,16 +505,28 @@ class _TracedPlanner:
         )
 
     def _block_output(self, exit_: str, names: set[str]) -> Annotation:
-        """What a block outputs: its exit's annotation, or, for channels concatenated from spaces that no
-        level outside the block makes, a new space of them all, which every layer reading that
-        concatenation reads instead (`block_outputs`)."""
+        """What a block outputs: its exit's annotation, or, for channels concatenated from spaces of which
+        some only the block makes (no level outside it), a new space of them all, which every layer
+        reading that concatenation reads instead (`block_outputs`). Where the block's own channels sit
+        beside channels that keep their index or that it passes through from before (DenseNet's running
+        concatenation, a BatchNorm of the input), no grouping of the block can move those, so the new
+        space keeps its index too."""
         annotation = self.map.annotations.get(exit_)
         if not isinstance(annotation, Concatenated):
             return annotation
-        outside = {self.map.find(call.space) for call in self.map.layers.values() if call.node not in names}
-        if any(space == FIXED or self.map.find(space) in outside for space, _ in annotation.parts):
+        made_outside = {call.space for call in self.map.layers.values() if call.node not in names}
+        streams_outside = {self.map.find(space) for space in made_outside} - {FIXED}
+        passed = [
+            space == FIXED or space in made_outside or self.map.find(space) in streams_outside
+            for space, _ in annotation.parts
+        ]
+        if all(passed):
             return annotation
         space = self.block_outputs[annotation.parts] = self.map.new_space(annotation.width)
+        if any(passed):
+            self.map.fix(
+                space, "a block's output concatenates its own channels with channels it passes through"
+            )
         self.map.annotations[exit_] = Channels(space, annotation.axis, annotation.positions)
         return self.map.annotations[exit_]
 

@@ -213,7 +213,14 @@ def trace(model: nn.Module, leaves: Iterable[str] = (), example: Tensor | None =
     _drop_unused_parts(graph)
     _make_constants_in_the_graph(graph, model)
     copy_before_in_place(graph, model)
-    return fx.GraphModule(model, graph)
+    try:
+        return fx.GraphModule(model, graph)
+    except SyntaxError as error:  # fx writes the graph as Python, submodule names as attributes
+        raise UntraceableModelError(
+            f"{type(model).__name__}'s traced forward cannot be written as Python: "
+            f"`{(error.text or '').strip()}` ({error.msg}); a submodule whose name is a Python keyword "
+            "(an nn.ModuleDict key such as 'global') does this. Rename it, or declare the model's levels"
+        ) from error
 
 
 def _drop_unused_parts(graph: fx.Graph) -> None:
