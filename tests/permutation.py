@@ -26,9 +26,10 @@ def permuted_copy(model: nn.Module, seed: int, example: torch.Tensor | tuple) ->
     permuted = copy.deepcopy(model)
     with torch.no_grad():
         for level in plan.levels:
-            if level.kind == "per_channel":  # its per-channel parameters follow the channels
+            if level.kind == "per_channel":  # its per-channel parameters (and statistics) follow the channels
                 if level.space in orders:
-                    for value in permuted.get_submodule(level.modules[0]).parameters():
+                    module = permuted.get_submodule(level.modules[0])
+                    for value in (*module.parameters(), *module.buffers()):
                         if value.numel() > 1:
                             value.copy_(value[orders[level.space]])
                 continue

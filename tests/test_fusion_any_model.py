@@ -44,6 +44,7 @@ from tests.user_models import (
     MaxOverTime,
     MnistExampleNet,
     NormalisingNet,
+    PreActResNet,
     PReLUNet,
     QuickstartNet,
     Regressor,
@@ -606,6 +607,31 @@ def test_padding_the_positions_keeps_the_channels_and_padding_the_channels_fixes
     assert "'1' (ConstantPad1d): fusion has no rule" in str(
         describe_levels(padded_features, torch.randn(4, 5))
     )
+
+
+@pytest.mark.parametrize("variant", ["linear", "gradient"])
+def test_a_batch_norm_that_follows_a_sum_is_fitted_channel_by_channel_and_fuses_back(variant: str) -> None:
+    """A pre-activation ResNet's BatchNorms follow sums, not layers. In eval mode each is an affine map of
+    its channels: a level of its own in its stream, its running statistics set to the fused model's
+    input's and its scale and shift fitted (or, for the gradient variant, started from the members'
+    mix, made comparable through the affine maps they compute). Before, each made a block. Permuted
+    copies with running statistics far from their inputs' fuse back into their function."""
+    torch.manual_seed(0)
+    model = PreActResNet()
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(norm.weight, 0.5, 1.5), nn.init.uniform_(norm.bias, -0.3, 0.3)
+    model.eval()
+    calibration = torch.randn(1200, 1, 8, 8)
+    levels = describe_levels(model, calibration[:8]).levels
+    assert [level.kind for level in levels if "bn" in level.name] == ["per_channel"] * 3
+    result = fuse(
+        [model, permuted_copy(model, seed=1, example=calibration)],
+        calibration,
+        FusionConfig(ridge=0.0, variant=variant, epochs=2),
+    )
+    assert_same_function(result.model, model, torch.randn(50, 1, 8, 8), tolerance=1e-4)
 
 
 def test_tied_weights_are_refused_with_both_names() -> None:

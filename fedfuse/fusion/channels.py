@@ -474,20 +474,24 @@ class _Propagation(fx.Interpreter):
         return Channels(space, value.dim() - 1)
 
     def _batchnorm(self, node: fx.Node, name: str, module: _BatchNorm, source: Annotation) -> Annotation:
-        producer = node.all_input_nodes[0]
-        layer = self.map.layers.get(producer.name)
-        if layer is None or self.users[producer.name] != 1 or layer.norm is not None:
-            self._opaque(
-                node,
-                f"BatchNorm '{name}' does not directly follow a Linear/Conv layer whose only use it is, "
-                "so it cannot be folded into one",
-            )
-            return source
         if not module.track_running_stats:
             self._opaque(
                 node,
                 f"BatchNorm '{name}' keeps no running statistics, so in eval mode it depends on the batch "
                 "and is not an affine map that can be folded",
+            )
+            return source
+        producer = node.all_input_nodes[0]
+        layer = self.map.layers.get(producer.name)
+        if layer is None or self.users[producer.name] != 1 or layer.norm is not None:
+            if _norm_of_channels(module, source):
+                # In eval mode a per-channel affine map of its input: a level of its own, like a
+                # LayerNorm's (after a ReLU, a sum: pre-activation ResNets).
+                return self._per_channel(node, name, source)
+            self._opaque(
+                node,
+                f"BatchNorm '{name}' does not directly follow a Linear/Conv layer whose only use it is, "
+                "nor normalises the traced channels of its input's axis 1: no closed form fits it",
             )
             return source
         if not isinstance(source, Channels) or source.axis != 1 or module.num_features != layer.width:
@@ -849,6 +853,12 @@ def _norm_over_channels_and_positions(module: nn.Module, source: Annotation, val
         and source.axis == value.dim() - len(shape)
         and tuple(value.shape[source.axis :]) == shape
     )
+
+
+def _norm_of_channels(module: _BatchNorm, source: Annotation) -> bool:
+    """Whether a BatchNorm (with running statistics) that follows no layer is an affine map of its input's
+    channels, channel by channel: affine, its channels traced ones on axis 1."""
+    return module.affine and isinstance(source, Channels) and source.axis == 1 and source.positions == 1
 
 
 def _keeps_channels(module: nn.Module, source: Annotation, value: Any) -> bool:

@@ -136,6 +136,13 @@ class FusionContext:
             for parent in self.parents:
                 self.parent_reader.keep(parent, place, collected.batches(parent))
 
+    def run_fused(self, place: str) -> None:
+        """One pass of the fused model over the calibration set, as far as ``place`` (for what hooks on
+        its modules collect)."""
+        with torch.no_grad():
+            for inputs, _, at in self.chunks([place]):
+                self.fused_reader.read(self.fused, inputs, [place], at)
+
     def groups(self, space: str) -> int:
         """The fused neurons of a space."""
         return self.fused_plan.spaces[space].width

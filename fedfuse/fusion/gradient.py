@@ -27,7 +27,7 @@ from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
-from fedfuse.fusion.per_channel import aligned_parameters, write_parameters
+from fedfuse.fusion.per_channel import aligned, standardise, write_parameters
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import layer_map, rows_of
@@ -69,7 +69,8 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
         _reinitialise(owners, seed=context.config.seed + index)
     elif level.kind == "per_channel" and context.config.prior != "zero":  # the members' mix
         members = [parent.get_submodule(level.modules[0]) for parent in context.parents]
-        write_parameters(owners[0], aligned_parameters(members, grouping.shares))
+        standardise(owners[0], lambda: context.run_fused(level.output))
+        write_parameters(owners[0], aligned(members, grouping.shares, owners[0]))
     elif level.layer is not None:
         _start_from_prior(level, fused_level, grouping, inputs, context)
     weights = grouping.group_weights / grouping.group_weights.mean()

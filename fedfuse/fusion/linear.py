@@ -15,7 +15,13 @@ from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import LevelFit, solve_channels, solve_level, write_level
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
-from fedfuse.fusion.per_channel import aligned_parameters, parameter_features, shared, write_parameters
+from fedfuse.fusion.per_channel import (
+    aligned,
+    parameter_features,
+    shared,
+    standardise,
+    write_parameters,
+)
 from fedfuse.fusion.prior import aligned_prior, folded_weights, weight_norm
 from fedfuse.fusion.report import LevelReport
 from fedfuse.fusion.statistics import (
@@ -189,6 +195,7 @@ def _fit_per_channel(
     """Fit a module's per-channel parameters (a norm's scale and shift, a PReLU's slopes) in closed form,
     channel by channel (`fedfuse.fusion.per_channel`), pulled toward the members' mix."""
     module = context.fused.get_submodule(context.fused_level(level).modules[0])
+    standardise(module, lambda: context.run_fused(level.output))
     one = shared(module)
     parameters = sum(1 for _ in module.parameters())
     width = context.fused_level(level).width
@@ -211,7 +218,7 @@ def _fit_per_channel(
     parents = [parent.get_submodule(level.modules[0]) for parent in context.parents]
     prior = None
     if context.config.prior != "zero":
-        prior = aligned_parameters(parents, grouping.shares).to(context.device)
+        prior = aligned(parents, grouping.shares, module).to(context.device)
     fit = solve_channels(stats, context.config.ridge, with_bias=False, prior=prior)
     write_parameters(module, fit.weight)
     seconds["solve"] = time.perf_counter() - clock

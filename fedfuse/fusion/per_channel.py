@@ -1,5 +1,6 @@
 """Modules with per-channel parameters that their output is affine in, fitted in closed form: the scale
-and shift of a LayerNorm, GroupNorm or InstanceNorm, the slopes of a PReLU.
+and shift of a LayerNorm, GroupNorm, InstanceNorm or a BatchNorm that follows no layer (eval mode), the
+slopes of a PReLU.
 
 Such a module computes, for channel c, y_c = h_c(u) + Σ_m θ_cm · g_cm(u): a LayerNorm's γ_c multiplies the
 normalised input and β_c is added; a PReLU's slope a_c multiplies min(0, u_c) beside max(0, u_c). With
@@ -16,11 +17,23 @@ parameter (a PReLU's one slope) is one problem over every channel.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedfuse.fusion.batchnorm import renormalize_batchnorms
 from fedfuse.fusion.statistics import rows_of
+
+
+def standardise(module: nn.Module, run: Callable[[], None]) -> None:
+    """Set a BatchNorm's running statistics to those of its input over ``run()`` (the fused model's own),
+    so that its scale and shift act on standardised channels, as each member's do on its own: the
+    members' parameters are then comparable, and their mix is the prior. Other modules normalise by
+    what they see (a LayerNorm) or not at all (a PReLU): nothing to set."""
+    if isinstance(module, _BatchNorm):
+        renormalize_batchnorms([module], run)
 
 
 def parameter_features(module: nn.Module, inputs: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -59,6 +72,33 @@ def aligned_parameters(modules: list[nn.Module], shares: Tensor) -> Tensor:
         else:
             rows.append(torch.cat(stacked) @ shares)
     return torch.stack(rows)
+
+
+def aligned(modules: list[nn.Module], shares: Tensor, fused: nn.Module) -> Tensor:
+    """`aligned_parameters`, where a BatchNorm's are first made comparable: each member's scale and shift
+    act on its input standardised by its own running statistics, so they are turned into the affine map
+    of its input they are (a·u + c), mixed as that, and put back in the units of the ``fused`` module's
+    statistics (`standardise`): exact for members that agree, whatever their statistics."""
+    if not isinstance(fused, _BatchNorm):
+        return aligned_parameters(modules, shares)
+    maps = [_affine_map(module) for module in modules]
+    slope, intercept = (torch.cat(part) @ shares.double().cpu() for part in zip(*maps, strict=True))
+    mean, scale = _statistics(fused)
+    return torch.stack([slope * scale, intercept + slope * mean])
+
+
+def _affine_map(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as the per-channel affine map of its input it computes: (a, c), y = a·u + c."""
+    mean, scale = _statistics(norm)
+    slope = norm.weight.detach().double().cpu() / scale
+    return slope, norm.bias.detach().double().cpu() - slope * mean
+
+
+def _statistics(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's running mean and √(variance + ε), in float64 on the CPU."""
+    assert isinstance(norm, _BatchNorm) and norm.running_mean is not None and norm.running_var is not None
+    variance = norm.running_var.detach().double().cpu()
+    return norm.running_mean.detach().double().cpu(), (variance + norm.eps).sqrt()
 
 
 def shared(module: nn.Module) -> bool:
