@@ -1016,6 +1016,15 @@ def test_weight_normed_layers_are_fused_as_the_layers_they_compute_and_stay_weig
     assert parents[0].fc1.weight.shape == (32, 20)  # still parametrized: its class kept its property
 
 
+def test_a_parametrized_layer_keeps_its_width() -> None:
+    with pytest.raises(ValueError, match=r"width_multiplier=2 would change the shape of 'fc1.weight'"):
+        fuse(
+            [_weight_normed(LayerNormMLP()) for _ in range(2)],
+            torch.randn(64, 20),
+            FusionConfig(width_multiplier=2),
+        )
+
+
 def test_a_spectral_norm_which_cannot_hold_a_fused_weight_is_refused_before_any_work() -> None:
     models = [
         nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 3))

@@ -107,7 +107,7 @@ def fuse(
         raise TypeError(f"config must be a FusionConfig, got {type(config).__name__}")
     models = list(models)
     check_parents(models)
-    check_parametrizations(models[0])
+    check_parametrizations(models[0], config.width_multiplier)
     parameter = next(models[0].parameters(), None)
     if parameter is None:
         raise ValueError("the models have no parameters to fuse")

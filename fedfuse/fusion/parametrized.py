@@ -44,15 +44,23 @@ def without_parametrizations(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_parametrizations(model: nn.Module) -> None:
+def check_parametrizations(model: nn.Module, width_multiplier: float = 1.0) -> None:
     """Refuse, before any work, a parametrization that could not hold a fused tensor: each is given its
-    own value scaled by 1.5 (on a copy), which a weight norm holds and a spectral norm does not.
+    own value scaled by 1.5 (on a copy), which a weight norm holds and a spectral norm does not; and
+    a fused model of another width, whose tensors no parametrization of the parents' shapes holds.
 
     Raises:
         ValueError: naming the module and its parametrization.
     """
-    if not parametrized_tensors(model):
+    tensors = parametrized_tensors(model)
+    if not tensors:
         return
+    if width_multiplier != 1:
+        name, tensor = tensors[0]
+        raise ValueError(
+            f"width_multiplier={width_multiplier:g} would change the shape of '{name}.{tensor}', which a "
+            "parametrization computes; remove the parametrizations before fusing to another width"
+        )
     probe = copy.deepcopy(model)
     with torch.no_grad():
         for name, tensor in parametrized_tensors(probe):
