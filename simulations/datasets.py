@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +155,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     one big-endian uint32 size per dimension; the data follows, big-endian, in C order.
 
     Raises:
-        ValueError: a bad magic number, or a file whose length disagrees with its header.
+        ValueError: a bad magic number, a file whose length disagrees with its header, or a ``.gz`` file
+            that is cut short or not gzip-compressed (the message names the file).
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as file:
-        raw = file.read()
+    try:
+        with opener(path, "rb") as file:
+            raw = file.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a cut or mislabelled download
+        raise ValueError(f"{path}: cannot be read as a gzip-compressed IDX file ({error})") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
         raise ValueError(
             f"{path}: not an IDX file: bad magic number {raw[:4].hex() or '(empty file)'} "
@@ -196,8 +201,8 @@ def load_cifar10(folder: str | Path, split: str = "t10k") -> Dataset:
 
     Raises:
         FileNotFoundError: a batch file is missing (the message names it).
-        ValueError: an unknown split, a batch without those keys or of another shape, or image and
-            label counts that differ.
+        ValueError: an unknown split, a batch that is no complete pickle, without those keys or of another
+            shape, or image and label counts that differ (the message names the file).
     """
     _check_split(split)
     images, labels = [], []
@@ -207,8 +212,11 @@ def load_cifar10(folder: str | Path, split: str = "t10k") -> Dataset:
             raise FileNotFoundError(
                 f"CIFAR-10 batch file not found: {path} (expected the cifar-10-batches-py folder)"
             )
-        with open(path, "rb") as file:
-            batch = pickle.load(file, encoding="bytes")
+        try:
+            with open(path, "rb") as file:
+                batch = pickle.load(file, encoding="bytes")
+        except (EOFError, pickle.UnpicklingError) as error:  # a cut download, or another file's bytes
+            raise ValueError(f"{path}: cannot be read as a pickled CIFAR-10 batch ({error})") from error
         if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
             raise ValueError(f"{path}: not a CIFAR-10 batch: expected a dict with keys b'data' and b'labels'")
         data = np.asarray(batch[b"data"])

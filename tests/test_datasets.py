@@ -66,6 +66,22 @@ def test_idx_loader_rejects_a_truncated_file(tmp_path: Path) -> None:
         load_idx(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "Compressed file ended"),  # a cut download
+        (gzip.decompress, "Not a gzipped file"),  # a plain file named .gz
+    ],
+    ids=["cut-short", "not-gzip"],
+)
+def test_idx_loader_names_a_gz_file_it_cannot_decompress(tmp_path: Path, damage, reason: str) -> None:
+    write_tiny_mnist(tmp_path, ".gz", n=50)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"t10k-images-idx3-ubyte\.gz: cannot be read as a gzip.*{reason}"):
+        load_idx(tmp_path)
+
+
 def test_idx_loader_names_the_missing_file(tmp_path: Path) -> None:
     write_tiny_mnist(tmp_path, ".gz")
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -174,6 +190,14 @@ def test_cifar10_loader_rejects_a_batch_of_the_wrong_shape(tmp_path: Path) -> No
         pickle.dumps({b"data": np.zeros((2, 784), dtype=np.uint8), b"labels": [0, 1]})
     )
     with pytest.raises(ValueError, match=r"b'data' must be uint8 \[N, 3072\], got uint8 \[2, 784\]"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar10_loader_names_a_batch_file_cut_short(tmp_path: Path) -> None:
+    write_tiny_cifar10(tmp_path, ("test_batch",))
+    path = tmp_path / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="test_batch: cannot be read as a pickled CIFAR-10 batch"):
         load_cifar10(tmp_path)
 
 

@@ -83,15 +83,19 @@ def test_the_data_folder_is_made_absolute_for_the_clients_worker_processes(
         (["--model", "vgg11", "--width-multiplier", "0"], "--width-multiplier must be > 0"),
         (["--dataset", "mnist"], r"set data_dir \(--data-dir\)"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "IDX file not found"),
-        (["--calibration-size", "1700"], "exceeds the 1797 examples"),
+        (["--calibration-size", "1700"], r"--calibration-size \+ --evaluation-size = 2059 exceeds the 1797"),
+        (["--calibration-size", "1000", "--evaluation-size", "797"], "leave none of the 1797 examples"),
+        (["--evaluation-size", "0"], "--evaluation-size must be an int >= 1, got 0"),
+        (["--alpha", "0"], r"--alpha must be > 0, got 0\.0"),
         (
             ["--partitioning", "pathological", "--classes-per-client", "11"],
-            r"classes_per_client must be in \[1, 10\]",
+            r"--classes-per-client must be in \[1, 10\]",
         ),
         (["--clients", "5,200"], "200 clients of at least min_partition_size=10 need 2000 examples"),
         (
             ["--model", "vit", "--variants", "linear"],
-            "linear variant cannot fuse 'vit' models: the linear variant fits Linear/Conv levels",
+            r"linear variant cannot fuse 'vit' models \(--variants chooses the variants run.*\): the linear "
+            "variant fits Linear/Conv levels",
         ),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import re
 import shlex
 import sys
 import time
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         try:
             check_before_training(settings, options)
         except (ValueError, FileNotFoundError) as error:
-            parser.error(str(error))
+            parser.error(_with_flags(str(error)))
         command = shlex.join(
             ["python", "-m", "simulations.one_shot", *(sys.argv[1:] if argv is None else argv)]
         )
@@ -315,7 +316,13 @@ def check_before_training(settings: Sequence[Setting], options: MethodOptions) -
     from simulations.one_shot.methods import check_fusable
 
     for setting in settings:
-        setting.client_indices(setting.federated_split())
+        split = setting.federated_split()
+        if len(split.pool) == 0:
+            raise ValueError(
+                f"calibration_size {setting.calibration_size} and evaluation_size {len(split.evaluation)} "
+                f"leave none of the {len(split.data)} examples for the clients"
+            )
+        setting.client_indices(split)
     check_fusable(settings[0], settings[0].federated_split(), options)
 
 
@@ -355,9 +362,13 @@ def _run(
 
 
 def _with_flags(message: str) -> str:
-    """A `Setting`'s error in the words of the command line: ``Setting.num_clients`` becomes ``--clients``."""
+    """An error in the words of the command line: ``Setting.num_clients`` becomes ``--clients``, and so
+    does a bare ``num_clients`` (a field whose name no English word shares: one with an underscore, or
+    ``alpha``)."""
     for field, flag in FLAGS.items():
         message = message.replace(f"Setting.{field} ", f"{flag} ")
+        if "_" in field or field == "alpha":
+            message = re.sub(rf"(?<![\w./-]){field}(?=[\s=]|$)(?! \(--)", flag, message)  # not "x (--x)"
     return message
 
 

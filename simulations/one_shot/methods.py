@@ -204,7 +204,8 @@ def check_fusable(setting: Setting, split: FederatedSplit, options: MethodOption
             plan.check(variant)
         except ValueError as error:
             raise ValueError(
-                f"FedFuse's {variant} variant cannot fuse {setting.model!r} models: {error}"
+                f"FedFuse's {variant} variant cannot fuse {setting.model!r} models (--variants chooses the "
+                f"variants run; the default runs both): {error}"
             ) from error
 
 

@@ -125,6 +125,12 @@ class Setting:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Setting.{name} must be an int >= {least}, got {value!r}")
+        if self.evaluation_size is not None and (
+            isinstance(self.evaluation_size, bool)
+            or not isinstance(self.evaluation_size, int)
+            or self.evaluation_size < 1
+        ):
+            raise ValueError(f"Setting.evaluation_size must be an int >= 1, got {self.evaluation_size!r}")
         if not self.lr > 0:
             raise ValueError(f"Setting.lr must be > 0, got {self.lr}")
         if self.width_multiplier is not None:
