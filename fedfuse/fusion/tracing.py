@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -310,12 +312,12 @@ def _trace_with_shapes(
     defaults: dict[str, Any] | None,
     error: Exception,
 ) -> fx.Graph:
-    reason = f"{type(error).__name__}: {error}"
+    reason = f"{type(error).__name__}: {error}{_where(error, model)}"
     if example is not None:
         try:
             graph = _ShapeTracer(leaves, example).trace(model, concrete_args=defaults)
         except Exception as again:
-            reason = f"{type(again).__name__}: {again}"
+            reason = f"{type(again).__name__}: {again}{_where(again, model)}"
         else:
             mismatch = _differs_from_model(model, graph, example)
             if mismatch is None:
@@ -329,6 +331,22 @@ def _trace_with_shapes(
         "are level boundaries (LevelSpec(name, stream=...) for a block that adds into a residual "
         "stream), or pass fuse(..., levels=[...]); see fedfuse.fusion.declared"
     ) from error
+
+
+def _where(error: Exception, model: nn.Module) -> str:
+    """Where in the model's own code tracing failed (`` at file:line `code` ``), or nothing: the last frame
+    of the error's traceback in a file that defines one of the model's modules."""
+    files = set()
+    for module in model.modules():
+        try:
+            files.add(inspect.getsourcefile(type(module)))
+        except TypeError:  # a class without a source file
+            continue
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename in files]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" at {Path(frame.filename).name}:{frame.lineno} `{(frame.line or '').strip()}`"
 
 
 def _differs_from_model(model: nn.Module, graph: fx.Graph, example: Tensor) -> str | None:
