@@ -255,8 +255,13 @@ def fuse_level(index: int, level: Level, context: FusionContext) -> LevelReport:
     linear variant can, by gradient descent for a block), with the fused model's own previous levels as
     input."""
     if context.config.variant == "linear" or (context.config.variant == "auto" and level.closed_form):
-        return fit_linear(level, context)
-    return fit_gradient(level, context, index)
+        report = fit_linear(level, context)
+    else:
+        report = fit_gradient(level, context, index)
+    space = context.plan.spaces[level.space]
+    if space.levels[-1] == level.name:  # the stream's targets its grouping pass kept are used up
+        context.forget_targets(space)
+    return report
 
 
 def _plan(

@@ -59,8 +59,6 @@ def fit_gradient(level: Level, context: FusionContext, index: int) -> LevelRepor
     fused_level = context.fused_level(level)
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
     inputs, targets = _cache(level, grouping, context, direct)
-    if space.levels[-1] == level.name:
-        context.forget_targets(space)
     body = context.fused_reader.body(context.fused, fused_level)
     parameters = [context.fused.get_parameter(name) for name in fused_level.parameters]
     owners = _owners(context.fused, fused_level)

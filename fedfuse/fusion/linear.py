@@ -76,8 +76,6 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     unfold = channel_inputs if level.channelwise else layer_inputs
     _statistics(level, stats, lambda inputs: (unfold(layer, inputs), None), context, grouping, direct)
     seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
-    if space.levels[-1] == level.name:
-        context.forget_targets(space)
 
     clock = time.perf_counter()
     with_bias = layer.bias is not None or norm is not None
@@ -210,9 +208,6 @@ def _fit_per_channel(
     clock = time.perf_counter()
     _statistics(level, stats, rows, context, grouping, None)
     seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
-    space = context.plan.spaces[level.space]
-    if space.levels[-1] == level.name:
-        context.forget_targets(space)
 
     clock = time.perf_counter()
     parents = [parent.get_submodule(level.modules[0]) for parent in context.parents]

@@ -36,9 +36,6 @@ def fit_lookup(
     table = context.fused.get_submodule(context.fused_level(level).layer)
     with torch.no_grad():
         table.weight.copy_(average)
-    space = context.plan.spaces[level.space]
-    if space.levels[-1] == level.name:
-        context.forget_targets(space)
     seconds["solve"] = time.perf_counter() - clock
     return LevelReport(
         name=level.name,

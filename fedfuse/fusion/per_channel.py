@@ -58,7 +58,7 @@ def parameter_features(module: nn.Module, inputs: Tensor, axis: int) -> tuple[Te
     return rows_of(offset, axis), torch.stack(features, dim=-1)
 
 
-def aligned_parameters(modules: list[nn.Module], shares: Tensor) -> Tensor:
+def _aligned_parameters(modules: list[nn.Module], shares: Tensor) -> Tensor:
     """The prior, ``[m, C]`` (``[m, 1]`` shared): each fused channel's parameters, the share-weighted mix
     of its group members' (``shares`` ``[K·n, C]``, the grouping's); a shared parameter, the parents'
     values weighted by their shares in all groups."""
@@ -75,12 +75,12 @@ def aligned_parameters(modules: list[nn.Module], shares: Tensor) -> Tensor:
 
 
 def aligned(modules: list[nn.Module], shares: Tensor, fused: nn.Module) -> Tensor:
-    """`aligned_parameters`, where a BatchNorm's are first made comparable: each member's scale and shift
+    """`_aligned_parameters`, where a BatchNorm's are first made comparable: each member's scale and shift
     act on its input standardised by its own running statistics, so they are turned into the affine map
     of its input they are (a·u + c), mixed as that, and put back in the units of the ``fused`` module's
     statistics (`standardise`): exact for members that agree, whatever their statistics."""
     if not isinstance(fused, _BatchNorm):
-        return aligned_parameters(modules, shares)
+        return _aligned_parameters(modules, shares)
     maps = [_affine_map(module) for module in modules]
     slope, intercept = (torch.cat(part) @ shares.double().cpu() for part in zip(*maps, strict=True))
     mean, scale = _statistics(fused)
