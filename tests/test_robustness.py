@@ -8,6 +8,8 @@ client is one of them turned malicious.
 # ruff: noqa: F811  (the fixtures imported from tests.test_strategy are redefined as arguments)
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -162,10 +164,36 @@ def _figures(node: int, scale: float, competence: float = 0.9) -> ClientFigures:
     return ClientFigures(node, True, 0.5, 0.9, np.full(3, competence), np.ones(3), competence, scale)
 
 
-def test_the_scale_reference_is_the_lower_median_so_of_two_clients_only_the_inflated_one_is_out_of_line():
+def test_of_two_clients_only_the_inflated_one_is_out_of_line():
     screening = screen([_figures(1, 3.0), _figures(2, 3e13)], ScreeningRule())
     assert screening.kept == [0] and screening.left_out == [1]
-    assert screening.reference_scale == 3.0
+    assert screening.reference_scale == pytest.approx(math.sqrt(3.0 * 3e13))  # the two's geometric mean
+
+
+def test_the_scale_reference_is_the_median_of_the_competent_clients_so_useless_ones_cannot_set_it():
+    useless = [_figures(node, 0.01, competence=0.0) for node in (4, 5, 6)]
+    screening = screen([_figures(1, 3.0), _figures(2, 4.0), _figures(3, 5.0), *useless], ScreeningRule())
+    assert screening.reference_scale == 4.0
+    assert screening.left_out == [3, 4, 5]  # the useless, for being no better than chance, not the others
+
+
+def test_half_the_clients_trained_far_less_cannot_put_the_other_half_out_of_line():
+    weak = [_figures(node, 0.2, competence=0.5) for node in (4, 5, 6)]
+    screening = screen([_figures(1, 3.0), _figures(2, 4.0), _figures(3, 5.0), *weak], ScreeningRule())
+    assert screening.left_out == []
+
+
+def test_half_the_clients_returning_the_untrained_global_model_do_not_screen_out_the_others(
+    calibration, client_states, flwr_log
+):
+    untrained = make_net().state_dict()
+    free_riders = [reply(node, untrained) for node in (7, 8, 9)]
+    strategy = FedFuse(make_net, calibration, fusion_config=FusionConfig(seed=0))
+
+    _, metrics = strategy.aggregate_train(1, [*honest_replies(client_states), *free_riders])
+
+    assert not {1, 2, 3} & set(metrics["fusion-screened-out-nodes"])
+    assert not any("out of line" in w for w in warnings_of(flwr_log))
 
 
 def test_honest_clients_within_the_scale_ratio_and_small_scales_are_kept():

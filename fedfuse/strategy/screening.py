@@ -22,18 +22,23 @@ The rule, per client, on the calibration set:
    on permuted labels ranks, but predicts no class right; a constant model predicts one class, but
    ranks at chance. The client is left out below ``min_competence``.
 3. **Output scale in line.** The root mean square of the client's logits must not exceed
-   ``max_scale_ratio`` times the reference scale: the lower median of the clients' scales (the lower of
-   the two middle values, so that with two clients the larger, not both, is out of line, and any
-   minority of inflated models cannot move it). Honest clients differ by a small factor; a model
-   scaled up, even one that still classifies, would dominate every activation-matching fit. Small
-   scales are left alone: a weakly trained client is not dangerous, it merely counts for less.
+   ``max_scale_ratio`` times the reference scale: the median in log scale of the scales of the clients
+   that pass rules 1 and 2 (the middle value, or the geometric mean of the two middle values). Honest
+   clients differ by a small factor; a model scaled up, even one that still classifies, would dominate
+   every activation-matching fit. Small scales are left alone: a weakly trained client is not
+   dangerous, it merely counts for less. The reference is taken over competent clients only, so that
+   useless ones (a free rider returning the untrained model it was sent) cannot set it; and as a median
+   in log scale, so that no minority on either side moves it and half the clients can move it only
+   half-way (in log scale) toward themselves: with half the clients free riders, or half trained far
+   less than the rest, a lower median (the weak half's scale) left the other half out of line.
 4. **Weights in line.** The norm of each of the client's weight matrices (every parameter of two or more
-   dimensions) must not exceed ``max_scale_ratio`` times the lower median of the clients' norms of that
-   matrix. This is what the calibration set cannot show: a neuron that never fires on it (a large
-   negative bias) but carries enormous outgoing weights leaves every figure above honest, yet fusion
-   regroups it with live neurons, which wakes it, and its weights with it (one of 1e37 came back as
-   2.9e38 in the fused model, and two such clients failed every fusion). Biases and other vectors are
-   left to rules 1-3: theirs shows on the calibration set, and a small bias can honestly differ by more.
+   dimensions) must not exceed ``max_scale_ratio`` times the median in log scale of the competent
+   clients' norms of that matrix. This is what the calibration set cannot show: a neuron that never
+   fires on it (a large negative bias) but carries enormous outgoing weights leaves every figure above
+   honest, yet fusion regroups it with live neurons, which wakes it, and its weights with it (one of
+   1e37 came back as 2.9e38 in the fused model, and two such clients failed every fusion). Biases and
+   other vectors are left to rules 1-3: theirs shows on the calibration set, and a small bias can
+   honestly differ by more.
 
 Without labels only rules 1, 3 and 4 apply. Every figure is kept for the log and the round's metrics.
 """
@@ -130,7 +135,7 @@ class Screening:
     Attributes:
         figures: what was measured of each client.
         reasons: per client, None when kept, else why it is left out (with the figures that decided).
-        reference_scale: the reference logit scale (the lower median); NaN when no client was finite.
+        reference_scale: the reference logit scale (rule 3's median); NaN when no client was finite.
     """
 
     figures: list[ClientFigures]
@@ -182,9 +187,10 @@ def measure(
 
 def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
     """Apply the rule (see the module's docstring) to every client's figures."""
-    finite_scales = sorted(f.logit_scale for f in figures if f.finite)
-    reference = finite_scales[(len(finite_scales) - 1) // 2] if finite_scales else float("nan")
-    reference_norms = lower_medians([f.weight_norms for f in figures if f.finite])
+    finite = [f for f in figures if f.finite]
+    competent = [f for f in finite if not f.competence < rule.min_competence] or finite  # NaN: unlabelled
+    reference = log_median([f.logit_scale for f in competent]) if competent else float("nan")
+    reference_norms = median_norms([f.weight_norms for f in competent])
     reasons: list[str | None] = []
     for figure in figures:
         if not figure.finite:
@@ -200,7 +206,7 @@ def screen(figures: Sequence[ClientFigures], rule: ScreeningRule) -> Screening:
         elif figure.logit_scale > rule.max_scale_ratio * reference:
             reasons.append(
                 f"output scale out of line: logits of RMS {figure.logit_scale:.3g}, "
-                f"{figure.logit_scale / reference:.3g} times the clients' median {reference:.3g} (at most "
+                f"{figure.logit_scale / reference:.4g} times the clients' median {reference:.3g} (at most "
                 f"{rule.max_scale_ratio:g}); {figure.describe()}"
             )
         elif outlier := _weights_out_of_line(figure.weight_norms, reference_norms, rule.max_scale_ratio):
@@ -219,14 +225,20 @@ def _weight_norms(model: nn.Module) -> dict[str, float]:
     }
 
 
-def lower_medians(norms: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per weight matrix, the lower median of the clients' norms (as for the logit scale, rule 3)."""
+def log_median(values: Sequence[float]) -> float:
+    """The median of positive ``values`` in log scale: the middle value, or the geometric mean of the two
+    middle values (0 when either is 0)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return math.sqrt(ordered[middle - 1]) * math.sqrt(ordered[middle])
+
+
+def median_norms(norms: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per weight matrix, the `log_median` of the clients' norms of it (rule 4)."""
     names = {name for client in norms for name in client}
-    medians = {}
-    for name in names:
-        values = sorted(client[name] for client in norms if name in client)
-        medians[name] = values[(len(values) - 1) // 2]
-    return medians
+    return {name: log_median([client[name] for client in norms if name in client]) for name in names}
 
 
 def _weights_out_of_line(norms: dict[str, float], reference: dict[str, float], ratio: float) -> str | None:
@@ -240,7 +252,7 @@ def _weights_out_of_line(norms: dict[str, float], reference: dict[str, float], r
         return None
     name = max(excess, key=lambda key: excess[key])
     return (
-        f"weights out of line: '{name}' has norm {norms[name]:.3g}, {excess[name]:.3g} times the clients' "
+        f"weights out of line: '{name}' has norm {norms[name]:.3g}, {excess[name]:.4g} times the clients' "
         f"median {reference[name]:.3g} (at most {ratio:g})"
     )
 

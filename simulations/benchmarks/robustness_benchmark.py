@@ -59,7 +59,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from fedfuse import FedFuse, FusionConfig
 from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.models import build_model
-from fedfuse.strategy.screening import ClientFigures, ScreeningRule, lower_medians, measure, screen
+from fedfuse.strategy.screening import ClientFigures, ScreeningRule, measure, median_norms, screen
 from simulations.clients import train_clients
 from simulations.federation import federated_split
 from simulations.training import evaluate, train
@@ -395,8 +395,8 @@ def targets(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _largest_weight_ratio(figures: list[ClientFigures]) -> float:
-    """The largest norm of a client's weight matrix over the clients' lower median of it (rule 4)."""
-    medians = lower_medians([f.weight_norms for f in figures])
+    """The largest norm of a client's weight matrix over the clients' median of it (rule 4)."""
+    medians = median_norms([f.weight_norms for f in figures])
     return max(
         norm / medians[name] for f in figures for name, norm in f.weight_norms.items() if medians[name] > 0
     )
