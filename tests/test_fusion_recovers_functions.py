@@ -3,6 +3,8 @@ the grouping has to find the permutation and the fit has to reproduce it exactly
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,14 @@ def test_fused_batchnorm_statistics_match_the_fused_layer_outputs() -> None:
         eval_out = fused.eval()(calibration)
         train_out = fused.train()(calibration)
     assert (train_out - eval_out).abs().max() < 0.05 * eval_out.abs().max()
+
+
+def test_the_fused_batch_counter_is_the_parents_median_so_no_one_parent_sets_it() -> None:
+    torch.manual_seed(0)
+    calibration = torch.randn(256, 3, 12, 12)
+    model = trained_statistics(cnn(batch_norm=True), calibration)
+    parents = [copy.deepcopy(model) for _ in range(3)]
+    for parent, count in zip(parents, (100, 120, 2**62)):
+        parent[0][1].num_batches_tracked.fill_(count)
+    fused = fuse(parents, calibration, FusionConfig()).model
+    assert int(fused[0][1].num_batches_tracked) == 120

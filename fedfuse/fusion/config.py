@@ -14,6 +14,7 @@ CLASS_WEIGHTS = ("calibration", "uniform")
 OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
 PRIORS = ("parents", "zero")
 SHARPNESS_LIMITS = ("none", "parents")
+RESCALINGS = ("parents", "none")
 GROUPINGS = ("kmeans", "hungarian", "index")
 KMEANS_INITS = ("reference", "k-means++")
 IMPORTANCES = ("uniform", "gradient_x_activation", "conductance", "deeplift")
@@ -114,6 +115,11 @@ class FusionConfig:
             calibration set than its parents' median (`fedfuse.fusion.sharpness`): clients trained by
             SGD sit at the sharpness their learning rate allows, and a sharper start diverges. Needs
             labels. ``"none"`` (the default): the most accurate fit.
+        rescale: ``"parents"`` (the default): the fused model's free layer scales (a ReLU network
+            computes the same when a hidden layer is multiplied by c and the layers reading it by 1/c)
+            are chosen so that each layer is as near its parents' mean weight norm as can be
+            (`fedfuse.fusion.rescaling`): the fitted function, sized like the clients' models, so the
+            next round trains from weights the size of its own. ``"none"``: the scales the fits left.
     """
 
     variant: str = "auto"
@@ -142,6 +148,7 @@ class FusionConfig:
     level_init: str = "aligned"
     polish_epochs: int = 0
     sharpness_limit: str = "none"
+    rescale: str = "parents"
     fit_batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -155,6 +162,7 @@ class FusionConfig:
         _check_choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         _check_choice("output_target", self.output_target, OUTPUT_TARGETS)
         _check_choice("sharpness_limit", self.sharpness_limit, SHARPNESS_LIMITS)
+        _check_choice("rescale", self.rescale, RESCALINGS)
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
             raise TypeError(f"FusionConfig.ridge must be a number, got {type(self.ridge).__name__}")
         if not math.isfinite(self.ridge) or self.ridge < 0:

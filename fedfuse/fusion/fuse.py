@@ -32,6 +32,7 @@ from fedfuse.fusion.parents import check_parents
 from fedfuse.fusion.polish import polish
 from fedfuse.fusion.reading import CHECKPOINT_VALUES, Reader
 from fedfuse.fusion.report import FusionReport, LevelReport
+from fedfuse.fusion.rescaling import rescale_toward_parents
 from fedfuse.fusion.sharpness import SAMPLES as SHARPNESS_SAMPLES
 from fedfuse.fusion.sharpness import sharpness
 from fedfuse.fusion.weights import ParentWeights, calibrated_weights, given_weights, uniform_weights
@@ -145,6 +146,8 @@ def fuse(
     attempt = config
     while True:
         fused, reports = _fuse_levels(parents, calibration_set, attempt, parent_weights, plan, example)
+        if config.rescale == "parents":
+            reports = rescale_toward_parents(fused, plan, reports, example)
         measured = None if limit is None else sharpness(fused, inputs, labels, config.seed)
         if measured is None or measured <= limit or attempt.ridge >= MAX_RIDGE:
             break
@@ -334,7 +337,7 @@ def _weights(
 def _average_the_rest(fused: nn.Module, parents: list[nn.Module], plan: LevelPlan) -> None:
     """What no level fits takes the parents' mean, never one parent's values: parameters the forward never
     uses (they cannot change the function), and buffers no fit sets (a BatchNorm's batch counter takes the
-    largest count)."""
+    parents' median count: their largest would let one parent set it, to 2**62 say)."""
     fitted = {
         f"{module}.{name}"
         for level in plan.levels
@@ -351,7 +354,7 @@ def _average_the_rest(fused: nn.Module, parents: list[nn.Module], plan: LevelPla
                 continue
             values = torch.stack([parent.get_buffer(name) for parent in parents])
             mean = values.double().mean(0).to(buffer.dtype)
-            buffer.copy_(mean if buffer.is_floating_point() else values.max(0).values)
+            buffer.copy_(mean if buffer.is_floating_point() else values.median(0).values)
 
 
 def _forward_only(config: FusionConfig, plan: LevelPlan) -> bool:
