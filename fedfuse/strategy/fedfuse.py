@@ -26,6 +26,7 @@ from fedfuse.fusion.calibration import CalibrationSet
 from fedfuse.fusion.fuse import labelled_as_classes
 from fedfuse.strategy.claims import cap_claims
 from fedfuse.strategy.guard import compare
+from fedfuse.strategy.neuron_order import check_orders
 from fedfuse.strategy.replies import (
     ArraySpec,
     InvalidReply,
@@ -43,6 +44,10 @@ PARENT_WEIGHTS = ("calibration", "num-examples", "label-counts")
 #: (`continuing`), relative to the mean energy of the level's inputs (`FusionConfig.ridge`). Picked
 #: between 1 and 10 on the quickstart app's five-round runs (docs/benchmarks.md).
 CONTINUING_RIDGE = 10.0
+
+#: A round fused by index checks that its clients share one order of their hidden neurons when it has at
+#: least this many (with two, neither can be told from the other), on this many calibration samples.
+ORDER_CHECK_CLIENTS, ORDER_CHECK_SAMPLES = 3, 256
 
 #: Why a reply that answers no instruction of the round, or repeats a node's reply, is left out: each node
 #: sampled for the round counts once, whatever arrives.
@@ -324,6 +329,9 @@ class FedFuse(FedAvg):
             metrics["fusion-screened-out-nodes"] = [valid[k].node_id for k in sorted(left_out)]
             valid = [reply for k, reply in enumerate(valid) if k not in left_out]
             parents = [model for k, model in enumerate(parents) if k not in left_out]
+        metrics.update({"fusion-out-of-order": 0, "fusion-out-of-order-nodes": []})
+        if self._continuing(server_round) and len(parents) >= ORDER_CHECK_CLIENTS:
+            valid, parents = self._in_shared_order(valid, parents, metrics)
         if len(valid) < self._needed:
             log(
                 WARNING,
@@ -362,6 +370,35 @@ class FedFuse(FedAvg):
             result.report.mean_fit_r2,
         )
         return arrays, metrics
+
+    def _continuing(self, server_round: int) -> bool:
+        """Whether this round's fused model is one the clients will train further (`continuing`)."""
+        return self._rounds is not None and server_round < self._rounds
+
+    def _in_shared_order(
+        self, valid: list[TrainReply], parents: list[nn.Module], metrics: MetricRecord
+    ) -> tuple[list[TrainReply], list[nn.Module]]:
+        """The clients whose hidden neurons are in the order most clients share (a round fused by index
+        needs it: `fedfuse.strategy.neuron_order`); each other one is named and left out."""
+        parameter = next(parents[0].parameters())
+        inputs = self._calibration_set.example(parameter.device, parameter.dtype, size=ORDER_CHECK_SAMPLES)
+        orders = check_orders(parents, self.plan, inputs)
+        if not orders.shared:
+            log(
+                WARNING,
+                "aggregate_train: half the clients or more do not share one order of their hidden neurons "
+                "(did they train from the model they were sent?); fusing them by index all the same",
+            )
+            return valid, parents
+        out = orders.out_of_order
+        nodes = [reply.node_id for reply, space in zip(valid, out, strict=True) if space is not None]
+        for reply, space in zip(valid, out, strict=True):
+            if space is not None:
+                log(WARNING, "aggregate_train: node %s is left out: %s", reply.node_id, space.describe())
+        metrics["fusion-out-of-order"] = len(nodes)
+        metrics["fusion-out-of-order-nodes"] = nodes
+        kept = [k for k, space in enumerate(out) if space is None]
+        return [valid[k] for k in kept], [parents[k] for k in kept]
 
     def _worse_than_before(self, fused: nn.Module, metrics: MetricRecord) -> bool:
         """Whether the round must keep the previous global model because ``fused`` is significantly worse
@@ -558,7 +595,7 @@ class FedFuse(FedAvg):
         fuses as `continuing` says (its clients train from the result)."""
         weights = self._weights(valid)
         config = self.fusion_config
-        if self._rounds is not None and server_round < self._rounds:
+        if self._continuing(server_round):
             config = continuing(config)
 
         def fusion() -> FusionResult:
