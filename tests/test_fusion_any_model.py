@@ -35,6 +35,7 @@ from tests.user_models import (
     DataDependent,
     DenseNetBC,
     FeatureNet,
+    FunctionalConvNet,
     GroupNormResNet,
     InceptionNet,
     IncomeClassifier,
@@ -1036,3 +1037,74 @@ def test_a_spectral_norm_which_cannot_hold_a_fused_weight_is_refused_before_any_
     models.append(copy.deepcopy(models[0]))
     with pytest.raises(ValueError, match=r"module '0': its parametrization of 'weight' \(_SpectralNorm\)"):
         fuse(models, torch.randn(64, 8))
+
+
+def _hook_weight_normed(model: nn.Module) -> nn.Module:
+    """``model`` with its first and last layers weight-normed by the older, hook-based API (locuslab's TCN
+    uses it): ``weight`` is recomputed from ``weight_g`` and ``weight_v`` before every forward."""
+    for name in ("fc1", "head"):
+        setattr(model, name, nn.utils.weight_norm(getattr(model, name)))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+def test_hook_weight_normed_layers_are_fused_as_the_layers_they_compute_and_keep_their_keys() -> None:
+    """Written into ``weight``, a fused weight was overwritten by the hook at the next forward: the fused
+    layer silently stayed parent 0's. It is stored as ``weight_g`` and ``weight_v`` instead."""
+    torch.manual_seed(0)
+    model = LayerNormMLP().eval()
+    calibration = torch.randn(600, 20)
+    permuted = permuted_copy(model, seed=1, example=calibration)
+    parents = [_hook_weight_normed(model), _hook_weight_normed(permuted)]
+    result = fuse(parents, calibration, FusionConfig(ridge=0.0))
+    assert result.model.state_dict().keys() == model.state_dict().keys()
+    assert {"fc1.weight_g", "fc1.weight_v"} <= result.model.state_dict().keys()
+    assert_same_function(result.model, model, torch.randn(50, 20), tolerance=1e-4)
+    reloaded = _hook_weight_normed(LayerNormMLP()).eval()
+    reloaded.load_state_dict(result.model.state_dict())  # what a Flower client receives computes the same
+    assert_same_function(reloaded, model, torch.randn(50, 20), tolerance=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+def test_a_hook_weight_normed_model_fuses_straight_after_training() -> None:
+    """Its computed weight then hangs in the autograd graph, which ``copy.deepcopy`` refuses."""
+    calibration = torch.randn(64, 20)
+    parents = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        parent = _hook_weight_normed(LayerNormMLP())
+        parent(calibration).square().mean().backward()  # a training step's forward, with gradients
+        parents.append(parent)
+    fused = fuse(parents, calibration).model
+    assert fused.state_dict().keys() == parents[0].state_dict().keys()
+
+
+@pytest.mark.filterwarnings("ignore:.*spectral_norm")
+def test_a_hook_based_spectral_norm_is_refused_by_name() -> None:
+    models = [nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 3))]
+    models.append(copy.deepcopy(models[0]))
+    with pytest.raises(ValueError, match=r"module '0' has a spectral norm \(torch.nn.utils.spectral_norm\)"):
+        fuse(models, torch.randn(64, 8))
+
+
+def test_layers_called_as_functions_with_the_models_own_weights_make_spaces_of_their_output_channels() -> (
+    None
+):
+    """``F.conv2d(x, self.weight, self.bias)``: its output channels are neurons to group (axis 1, not the
+    image's last axis, which was silently matched by index), fitted as a block by gradient descent."""
+    torch.manual_seed(0)
+    model = FunctionalConvNet().eval()
+    calibration = torch.randn(256, 1, 8, 8)
+    plan = describe_levels(model, calibration[:8])
+    conv = plan.levels[0]
+    assert (conv.kind, conv.width, conv.axis) == ("block", 12, 1)
+    assert not plan.spaces[conv.space].fixed
+    permuted = copy.deepcopy(model)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        permuted.conv_weight.copy_(model.conv_weight[order])
+        permuted.conv_bias.copy_(model.conv_bias[order])
+        permuted.fc_weight.copy_(model.fc_weight.reshape(4, 12, 4)[:, order].reshape(4, 48))
+    assert_same_function(permuted, model, calibration, tolerance=1e-6)
+    result = fuse([model, permuted], calibration, FusionConfig(output_target="logits", epochs=30))
+    assert_same_function(result.model, model, torch.randn(64, 1, 8, 8), tolerance=1e-3)

@@ -812,3 +812,18 @@ class PreActResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class FunctionalConvNet(nn.Module):
+    """Layers called as functions with its own parameters, as a MAML-style learner writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_weight = nn.Parameter(torch.randn(12, 1, 3, 3) * 0.3)
+        self.conv_bias = nn.Parameter(torch.zeros(12))
+        self.fc_weight = nn.Parameter(torch.randn(4, 12 * 4) * 0.2)
+        self.fc_bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.conv_weight, self.conv_bias, padding=1))
+        return F.linear(F.max_pool2d(x, 4).flatten(1), self.fc_weight, self.fc_bias)

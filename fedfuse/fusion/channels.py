@@ -131,6 +131,13 @@ RESHAPING_FUNCTIONS: frozenset[Callable] = frozenset(
     {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 )
 RESHAPING_METHODS: frozenset[str] = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze"})
+# Layers called as functions with the model's own weights (``F.conv2d(x, self.weight, self.bias)``, a
+# MAML-style learner): each makes a new space of its output channels, on this axis, which only the
+# gradient variant fits (no module holds the weights for the closed form).
+FUNCTIONAL_LAYERS: dict[Callable, int] = {
+    F.linear: -1, F.bilinear: -1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, F.conv_transpose1d: 1,
+    F.conv_transpose2d: 1, F.conv_transpose3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1,
+}  # fmt: skip
 # Reductions over the axes given by ``dim`` (the channel axis must not be one of them).
 REDUCING_FUNCTIONS: frozenset[Callable] = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
 REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin"})
@@ -323,6 +330,8 @@ class _Propagation(fx.Interpreter):
             return self._attribute(node, value)
         if node.op == "call_module":
             return self._module(node, self.fetch_attr(str(node.target)), value)
+        if function in FUNCTIONAL_LAYERS and isinstance(value, Tensor) and value.dim() >= 2:
+            return self._functional_layer(node, function, value)
         if not any(isinstance(a, CARRYING) or a is UNKNOWN for a in inputs):
             # Made from the input, constants and parameters only: no free channels to follow.
             return TIED if any(a is TIED for a in inputs) else None
@@ -530,6 +539,18 @@ class _Propagation(fx.Interpreter):
 
     def _arg_shape(self, node: fx.Node) -> tuple[int, ...]:
         return self.map.shapes[node.all_input_nodes[0].name]
+
+    def _functional_layer(self, node: fx.Node, function: Callable, value: Tensor) -> Annotation:
+        """A layer called as a function: a new space of its output channels when it reads a weight of the
+        model's own (a parameter), fitted as a block; otherwise (weights computed from the input, an
+        attention product say) an operation with no rule."""
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        name = getattr(function, "__name__", str(function))
+        if not (isinstance(weight, fx.Node) and self.map.annotations.get(weight.name) is TIED):
+            return self._opaque(node, f"{name}() with weights that are no parameter: fusion has no rule")
+        self._opaque(node, f"{name}() called with the model's own weights: only the gradient variant fits it")
+        axis = FUNCTIONAL_LAYERS[function] % value.dim()
+        return Channels(self.map.new_space(value.shape[axis]), axis)
 
     def _opaque(self, node: fx.Node, reason: str) -> Annotation:
         self.map.opaque.setdefault(node.name, reason)

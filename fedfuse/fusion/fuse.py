@@ -23,7 +23,8 @@ from fedfuse.fusion.levels import Level, LevelPlan, plan_levels
 from fedfuse.fusion.linear import fit_linear
 from fedfuse.fusion.parametrized import (
     check_parametrizations,
-    parametrized_tensors,
+    copied,
+    has_parametrizations,
     with_parametrizations,
     without_parametrizations,
 )
@@ -115,7 +116,7 @@ def fuse(
     device, dtype = parameter.device, parameter.dtype
     calibration_set = CalibrationSet(calibration, config.batch_size)
     # Hooks land on copies, each parametrized layer made the plain layer it computes (`_finish` restores it).
-    parents = [without_parametrizations(copy.deepcopy(model).to(device).eval()) for model in models]
+    parents = [without_parametrizations(copied(model).to(device).eval()) for model in models]
     plan, example = _plan(parents[0], calibration_set, config, levels)
     calibration_set = labelled_as_classes(calibration_set, plan)
     if _forward_only(config, plan) and _runs_channels_last(parents[0], example):
@@ -223,7 +224,7 @@ def check_fusable(
     if parameter is None:
         raise ValueError("the model has no parameters to fuse")
     calibration_set = CalibrationSet(calibration, config.batch_size)
-    plan = _plan(copy.deepcopy(model).eval(), calibration_set, config, levels)[0]
+    plan = _plan(without_parametrizations(copied(model).eval()), calibration_set, config, levels)[0]
     labelled_as_classes(calibration_set, plan, warn=False)  # setting labels aside is no refusal
     return plan
 
@@ -395,7 +396,7 @@ def _runs_channels_last(model: nn.Module, example: Tensor) -> bool:
 def _finish(fused: nn.Module, model: nn.Module) -> nn.Module:
     """The fused model where parent 0 was, in its train/eval mode and the usual memory format, its
     parametrized layers as parent 0's."""
-    if parametrized_tensors(model):
+    if has_parametrizations(model):
         fused = with_parametrizations(fused, model)
     parameter = next(model.parameters())
     return fused.to(parameter.device, memory_format=torch.contiguous_format).train(model.training)

@@ -21,7 +21,6 @@ convolution of a residual block keeps its closed-form fit, and the block compute
 
 from __future__ import annotations
 
-import copy
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ from fedfuse.fusion.channels import (
     propagate,
 )
 from fedfuse.fusion.declared import LevelSpec, declared_levels
+from fedfuse.fusion.parametrized import copied, without_parametrizations
 from fedfuse.fusion.tracing import input_node, output_node, trace
 
 #: The kinds of level the closed-form (linear) variant fits.
@@ -297,7 +297,7 @@ def describe_levels(
             cannot be told apart (see the message).
         UntraceableModelError: the model cannot be traced and declares no levels.
     """
-    return plan_levels(copy.deepcopy(model).eval(), example_input, levels)
+    return plan_levels(without_parametrizations(copied(model)).eval(), example_input, levels)
 
 
 def plan_levels(

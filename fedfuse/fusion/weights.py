@@ -16,7 +16,6 @@ Weights the clients disclose (`given_weights`: example counts, or label counts) 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.fusion.calibration import CalibrationSet
+from fedfuse.fusion.parametrized import copied
 from fedfuse.fusion.parent_scores import ParentScores, score_parents
 
 
@@ -79,7 +79,7 @@ def class_weights(
     if not calibration_set.has_labels:
         raise ValueError("class weights are measured on labelled calibration data; it has no labels")
     parameter = next(models[0].parameters())
-    copies = [copy.deepcopy(model).eval() for model in models]
+    copies = [copied(model).eval() for model in models]
     with torch.no_grad():
         classes = copies[0](calibration_set.example(parameter.device, parameter.dtype)).shape[-1]
     scores = score_parents(copies, calibration_set, classes, parameter.device, parameter.dtype)
