@@ -50,11 +50,14 @@ from tests.user_models import (
     QuickstartNet,
     Regressor,
     Reordered,
+    SamePaddingCNN,
     ShapeBranches,
     SmallResNet,
     SplitBranches,
+    SquaredFeatures,
     SqueezeExcite,
     StateLSTM,
+    StatisticsPooling,
     SummedOutput,
     TabularEmbeddings,
     TextCNN,
@@ -1108,3 +1111,28 @@ def test_layers_called_as_functions_with_the_models_own_weights_make_spaces_of_t
     assert_same_function(permuted, model, calibration, tolerance=1e-6)
     result = fuse([model, permuted], calibration, FusionConfig(output_target="logits", epochs=30))
     assert_same_function(result.model, model, torch.randn(64, 1, 8, 8), tolerance=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (SquaredFeatures, (16,)),
+        (lambda: SquaredFeatures(method=True), (16,)),
+        (StatisticsPooling, (4, 20)),
+        (SamePaddingCNN, (1, 8, 8)),
+    ],
+    ids=["h ** 2", "h.pow(2)", "std and logsumexp pooling", "F.pad"],
+)
+def test_powers_statistics_pooling_and_functional_padding_keep_the_channels_and_fuse_back(
+    build, shape
+) -> None:
+    """They were matched by index, with a warning ("no rule"): a power with a constant exponent is
+    element-wise, std, var and logsumexp reduce over positions like a mean, F.pad pads trailing axes."""
+    torch.manual_seed(0)
+    model = build().eval()
+    calibration = torch.randn(400, *shape)
+    plan = describe_levels(model, calibration[:8])
+    assert all(not space.fixed for space in plan.spaces.values() if not space.classes)
+    permuted = permuted_copy(model, seed=1, example=calibration)
+    result = fuse([model, permuted], calibration, FusionConfig(output_target="logits", ridge=0.0))
+    assert_same_function(result.model, model, torch.randn(64, *shape), tolerance=1e-4)

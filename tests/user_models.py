@@ -827,3 +827,47 @@ class FunctionalConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.conv2d(x, self.conv_weight, self.conv_bias, padding=1))
         return F.linear(F.max_pool2d(x, 4).flatten(1), self.fc_weight, self.fc_bias)
+
+
+class SquaredFeatures(nn.Module):
+    """A hidden layer read beside its square: ``torch.cat([h, h ** 2], 1)`` (and ``h.pow(2)``)."""
+
+    def __init__(self, method: bool = False) -> None:
+        super().__init__()
+        self.method = method
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(torch.cat([h, h.pow(2) if self.method else h**2], 1))
+
+
+class StatisticsPooling(nn.Module):
+    """An audio/sequence model pooling each channel over time by its mean, standard deviation and
+    log-sum-exp (x-vector style statistics pooling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 12, 3, padding=1)
+        self.conv2 = nn.Conv1d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(torch.cat([x.mean(-1), x.std(-1), torch.logsumexp(x, dim=-1)], 1))
+
+
+class SamePaddingCNN(nn.Module):
+    """TensorFlow's 'same' padding written with ``F.pad`` before unpadded convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)
+        self.conv2 = nn.Conv2d(8, 12, 4)
+        self.fc = nn.Linear(12 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(F.pad(x, (1, 1, 1, 1))))
+        x = F.relu(self.conv2(F.pad(x, [1, 2, 1, 2], mode="constant", value=0.0)))
+        return self.fc(F.max_pool2d(x, 4).flatten(1))

@@ -139,8 +139,12 @@ FUNCTIONAL_LAYERS: dict[Callable, int] = {
     F.conv_transpose2d: 1, F.conv_transpose3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1,
 }  # fmt: skip
 # Reductions over the axes given by ``dim`` (the channel axis must not be one of them).
-REDUCING_FUNCTIONS: frozenset[Callable] = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
-REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin"})
+REDUCING_FUNCTIONS: frozenset[Callable] = frozenset(
+    {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp}
+)
+REDUCING_METHODS: frozenset[str] = frozenset({"mean", "sum", "amax", "amin", "std", "var", "logsumexp"})
+# A power with a constant exponent (``h ** 2``): element-wise, like ``torch.square``.
+POWER_FUNCTIONS: frozenset[Callable] = frozenset({operator.pow, torch.pow})
 # torch.max / torch.min: with ``dim``, a reduction that returns ``(values, indices)``; with a second
 # tensor, an element-wise operation.
 EXTREMA_FUNCTIONS: frozenset[Callable] = frozenset({torch.max, torch.min})
@@ -354,6 +358,10 @@ class _Propagation(fx.Interpreter):
             return self._opaque(node, f"{name}() on concatenated channels: fusion has no rule for it")
         if function in PRESERVING_FUNCTIONS or method in PRESERVING_METHODS:
             return self._first(node)
+        if (function in POWER_FUNCTIONS or method == "pow") and _constant_exponent(node):
+            return self._first(node)
+        if function is F.pad and isinstance(value, Tensor):
+            return self._padded(node, value)
         if function in POOLING_FUNCTIONS:
             return self._pooled(node, self._first(node), value)
         if function in RESHAPING_FUNCTIONS or method in RESHAPING_METHODS:
@@ -540,6 +548,14 @@ class _Propagation(fx.Interpreter):
     def _arg_shape(self, node: fx.Node) -> tuple[int, ...]:
         return self.map.shapes[node.all_input_nodes[0].name]
 
+    def _padded(self, node: fx.Node, value: Tensor) -> Annotation:
+        """``F.pad(x, pad)`` pads the last ``len(pad) / 2`` axes: the channels stay where they are when
+        they are not among them, as for the padding modules."""
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        if isinstance(pad, (tuple, list)) and value.dim() - len(pad) // 2 >= 2:
+            return self._pooled(node, self._first(node), value)
+        return self._opaque(node, "a padding of the axis that holds the channels")
+
     def _functional_layer(self, node: fx.Node, function: Callable, value: Tensor) -> Annotation:
         """A layer called as a function: a new space of its output channels when it reads a weight of the
         model's own (a parameter), fitted as a block; otherwise (weights computed from the input, an
@@ -577,7 +593,7 @@ class _Propagation(fx.Interpreter):
         assert isinstance(source, CARRYING)
         shape = self._arg_shape(node)
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        keepdim = isinstance(value, Tensor) and value.dim() == len(shape)  # whatever the arguments' order
         if dims is None:
             return self._opaque(node, "a reduction over every axis, channels included")
         dims = {d % len(shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
@@ -800,6 +816,12 @@ def _reshape_channels(
         if span % tail == 0 and after[new_axis] * tail == width * span and after[new_axis] > 0:
             return new_axis, span // tail
     return None
+
+
+def _constant_exponent(node: fx.Node) -> bool:
+    """Whether a power's exponent is a number (not a tensor), and its base the tensor."""
+    exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    return isinstance(node.args[0], fx.Node) and isinstance(exponent, (int, float))
 
 
 def is_depthwise(module: nn.Module) -> bool:
