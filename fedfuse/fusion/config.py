@@ -11,7 +11,7 @@ VARIANTS = ("linear", "gradient")
 OPTIMIZERS = ("adam", "sgd")
 LEVEL_INITS = ("aligned", "fresh")
 CLASS_WEIGHTS = ("calibration", "uniform")
-OUTPUT_TARGETS = ("labels", "logits", "log_probabilities")
+OUTPUT_TARGETS = ("labels", "logits", "log_probabilities", "auto")
 PRIORS = ("parents", "zero")
 SHARPNESS_LIMITS = ("none", "parents")
 RESCALINGS = ("parents", "none")
@@ -65,7 +65,10 @@ class FusionConfig:
             the fused features, pulled toward the parents' aligned head; without labels, ``"logits"``.
             ``"logits"``: the class-weighted mean of the parents' logits (the paper's target).
             ``"log_probabilities"``: the log of the class-weighted mean of their probabilities (the
-            softmax ensemble's log-probabilities). Measured in docs/benchmarks.md.
+            softmax ensemble's log-probabilities). ``"auto"``: the one of the three whose fit classifies
+            held-out calibration samples best, by 5-fold cross-validation (`fedfuse.fusion.head_choice`;
+            ties go to the labels); without labels, or for a head that is not one Linear row per sample,
+            or in the gradient variant, as ``"labels"``. Measured in docs/benchmarks.md.
         batch_size: calibration samples per forward pass when the calibration set is a tensor or
             an ``(inputs, labels)`` pair (a DataLoader keeps its own batches). Bounds peak memory.
         seed: seeds k-means; the same seed gives the same fused weights, bit for bit, on CPU.

@@ -7,12 +7,14 @@ import statistics as stats_
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedfuse.fusion.context import FusionContext
 from fedfuse.fusion.fitting import LevelFit, solve_channels, solve_level, write_level
+from fedfuse.fusion.head_choice import CANDIDATES, HeadChoice, choose_head
 from fedfuse.fusion.levels import Level
 from fedfuse.fusion.lookup import fit_lookup
 from fedfuse.fusion.per_channel import (
@@ -66,6 +68,10 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     # computed per batch (`class_targets`).
     direct = output_target(context) if space.classes and output_target(context) != "logits" else None
 
+    with_bias = layer.bias is not None or norm is not None
+    parent_maps = [folded_weights(parent, level.layer, level.norm) for parent in context.parents]
+    prior = aligned_prior(level, grouping, parent_maps, context, with_bias)
+
     clock = time.perf_counter()
     width = fused_level.width
     stats: LevelStatistics | ChannelStatistics = (
@@ -74,13 +80,17 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         else LevelStatistics(layer_fan_in(layer), width, context.device)
     )
     unfold = channel_inputs if level.channelwise else layer_inputs
-    _statistics(level, stats, lambda inputs: (unfold(layer, inputs), None), context, grouping, direct)
+    choice = None
+    if space.classes and context.config.output_target == "auto" and context.calibration.has_labels:
+        choice = _choose_head(level, layer, grouping, context, with_bias, prior)
+    if choice is not None:
+        assert isinstance(stats, LevelStatistics)
+        stats.add(choice[1], choice[2])
+    else:
+        _statistics(level, stats, lambda inputs: (unfold(layer, inputs), None), context, grouping, direct)
     seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - clock
 
     clock = time.perf_counter()
-    with_bias = layer.bias is not None or norm is not None
-    parent_maps = [folded_weights(parent, level.layer, level.norm) for parent in context.parents]
-    prior = aligned_prior(level, grouping, parent_maps, context, with_bias)
     if isinstance(stats, ChannelStatistics):
         fit = solve_channels(stats, config.ridge, with_bias, prior)
     else:
@@ -100,7 +110,7 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     write_level(layer, norm, fit.weight, fit.bias, fit.output_mean, fit.output_var)
     seconds["solve"] = time.perf_counter() - clock
     parent_norm = stats_.mean(weight_norm(weights, with_bias) for weights in parent_maps)
-    return _report(
+    report = _report(
         level,
         fused_level.width,
         fit.fan_in,
@@ -111,6 +121,46 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
         fit,
         parent_norm,
     )
+    if choice is not None:
+        report = replace(report, output_target=choice[0].target, target_accuracy=choice[0].accuracy)
+    return report
+
+
+class _Rows:
+    """The rows a pass of `_statistics` adds, kept (``[rows, d]`` features, ``[rows, g]`` targets)."""
+
+    def __init__(self) -> None:
+        self.features: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def add(self, x: Tensor, t: Tensor) -> None:
+        self.features.append(x.reshape(-1, x.shape[-1]).double())
+        self.targets.append(t.double())
+
+
+def _choose_head(
+    level: Level,
+    layer: nn.Module,
+    grouping: SpaceGrouping,
+    context: FusionContext,
+    with_bias: bool,
+    prior: Tensor | None,
+) -> tuple[HeadChoice, Tensor, Tensor] | None:
+    """With ``output_target="auto"``: the output layer's target chosen by cross-validation on the
+    calibration set (`fedfuse.fusion.head_choice`), and its rows (features ``[N, d]``, targets ``[N, C]``)
+    to fit on; None when the layer has more rows than samples (a convolution's positions), whose fit
+    takes the labels' fallback (`output_target`)."""
+    labels = torch.cat([y for _, y in context.calibration.batches(context.device, context.dtype)])
+    targets = {}
+    for name in sorted(CANDIDATES, key=lambda name: name != "logits"):  # the logits need no row per sample
+        rows = _Rows()
+        direct = None if name == "logits" else name
+        _statistics(level, rows, lambda x: (layer_inputs(layer, x), None), context, grouping, direct)
+        features, targets[name] = torch.cat(rows.features), torch.cat(rows.targets)
+        if len(features) != len(labels):
+            return None
+    choice = choose_head(features, targets, labels, context.config.ridge, with_bias, prior)
+    return choice, features, targets[choice.target]
 
 
 def _report(

@@ -33,6 +33,9 @@ class LevelReport:
         live_inputs: linear variant: the inputs (bias included) not zero on every row; a rank below
             it means the calibration set does not span them, and the fit is underdetermined.
         epochs: gradient variant: epochs the level trained for (early stopping may end it sooner).
+        output_target, target_accuracy: the output layer with ``output_target="auto"``: the target it was
+            fitted to, and each target's held-out accuracy on the calibration set
+            (`fedfuse.fusion.head_choice`); None otherwise.
         weight_norm, parent_weight_norm: the Frobenius norm of the fused level's weights (a layer's
             map with its BatchNorm folded in, bias left out; every parameter of a block), and the
             parents' mean: fused weights far larger than the parents' make the next round diverge.
@@ -53,6 +56,8 @@ class LevelReport:
     epochs: int | None = None
     weight_norm: float | None = None
     parent_weight_norm: float | None = None
+    output_target: str | None = None
+    target_accuracy: dict[str, float] | None = None
 
     @property
     def ill_posed(self) -> bool:

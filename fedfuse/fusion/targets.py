@@ -168,9 +168,11 @@ LABEL_SMOOTHING = 0.1
 
 
 def output_target(context: FusionContext) -> str:
-    """The classes' target for this fusion: the configured one, or ``"logits"`` for ``"labels"`` when the
-    calibration set has none."""
+    """The classes' target for this fusion: the configured one (``"labels"`` for ``"auto"``), or
+    ``"logits"`` for ``"labels"`` when the calibration set has none."""
     target = context.config.output_target
+    if target == "auto":  # chosen by cross-validation where the linear variant fits the head (`fit_linear`)
+        target = "labels"
     return "logits" if target == "labels" and not context.calibration.has_labels else target
 
 
