@@ -401,3 +401,16 @@ def test_a_reply_that_answers_no_instruction_of_the_round_is_left_out_and_named(
     assert any(
         "node 901 is left out: its reply answers no training instruction" in w for w in warnings_of(flwr_log)
     )
+
+
+def test_the_same_model_sent_by_several_nodes_counts_once_and_the_copies_are_named(
+    calibration, client_states, flwr_log, monkeypatch
+):
+    calls = spy_on_fuse(monkeypatch)
+    strategy = FedFuse(make_net, calibration, fusion_config=FusionConfig(seed=0))
+    sybils = [reply(node, scaled(client_states[2], 3.0)) for node in (7, 8, 9)]
+
+    _, metrics = strategy.aggregate_train(1, [*honest_replies(client_states), *sybils])
+
+    assert metrics["fusion-duplicate-nodes"] == [8, 9] and calls[0]["parents"] == 4
+    assert any("node 9 is left out: its model is identical to node 7's" in w for w in warnings_of(flwr_log))

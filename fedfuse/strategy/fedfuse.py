@@ -33,6 +33,7 @@ from fedfuse.strategy.replies import (
     TrainReply,
     array_specs,
     check_train_reply,
+    duplicates,
     node_of,
 )
 from fedfuse.strategy.screening import Screening, ScreeningRule, measure, screen
@@ -318,7 +319,9 @@ class FedFuse(FedAvg):
         rejected = len(replies) - len(valid)
         log(INFO, "aggregate_train: Received %s valid results and %s rejected", len(valid), rejected)
 
+        valid, repeated = _distinct(valid)
         metrics = self._client_metrics(valid)
+        metrics["fusion-duplicate-nodes"] = repeated
         metrics.update({"fusion-rejected": rejected, "fusion-screened-out": 0, "fusion-failures": 0})
         metrics.update({"fusion-clients": 0, "fusion-failed": 1, "fusion-kept-previous": 0})
         parents = [self._model(reply) for reply in valid]
@@ -646,6 +649,21 @@ class FedFuse(FedAvg):
                 else f"it counts as {self.claim_cap:g} times the median",
             )
         return capped.weights
+
+
+def _distinct(valid: list[TrainReply]) -> tuple[list[TrainReply], list[int]]:
+    """The replies with a model no earlier reply sent (`duplicates`), and the node ids of the others, each
+    named in a warning."""
+    repeats = duplicates(valid)
+    for index, original in repeats.items():
+        log(
+            WARNING,
+            "aggregate_train: node %s is left out: its model is identical to node %s's, which counts once",
+            valid[index].node_id,
+            valid[original].node_id,
+        )
+    kept = [reply for index, reply in enumerate(valid) if index not in repeats]
+    return kept, [valid[index].node_id for index in sorted(repeats)]
 
 
 def continuing(config: FusionConfig) -> FusionConfig:

@@ -9,6 +9,7 @@ cannot make the server fuse, or crash on, arrays that do not fit the global mode
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,3 +177,20 @@ def _names(keys: list[str], shown: int = 3) -> str:
     names = ", ".join(repr(key) for key in keys[:shown])
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
     return f"{len(keys)} array{'s' if len(keys) > 1 else ''}: {names}{more}"
+
+
+def duplicates(replies: list[TrainReply]) -> dict[int, int]:
+    """The replies whose model is identical, array for array, to an earlier one's: index → index of the
+    first reply with that model. Honest clients train on their own data and never send the same model;
+    several nodes that do (Sybils, or free riders returning the model they were sent) count once."""
+    first: dict[bytes, int] = {}
+    repeats = {}
+    for index, reply in enumerate(replies):
+        digest = hashlib.sha256()
+        for key, array in reply.arrays.items():
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        repeats_of = first.setdefault(digest.digest(), index)
+        if repeats_of != index:
+            repeats[index] = repeats_of
+    return repeats
