@@ -55,3 +55,20 @@ def test_without_labels_auto_fits_the_parents_logits() -> None:
     auto = fuse(parents, inputs, FusionConfig(output_target="auto"))
     logits = fuse(parents, inputs, FusionConfig(output_target="logits"))
     torch.testing.assert_close(auto.model[2].weight, logits.model[2].weight)
+
+
+def test_the_labels_give_way_only_to_a_target_significantly_better_on_held_out_samples() -> None:
+    features, labels = _features_and_labels()
+    clean = 4.0 * nn.functional.one_hot(labels, 4).double()
+    generator = torch.Generator().manual_seed(2)
+
+    def corrupted(share: float) -> torch.Tensor:
+        wrong = torch.rand(len(labels), generator=generator) < share
+        noisy = labels.clone()
+        noisy[wrong] = (labels[wrong] + 1) % 4
+        return 4.0 * nn.functional.one_hot(noisy, 4).double()
+
+    slightly = {"labels": corrupted(0.02), "logits": clean, "log_probabilities": corrupted(0.02)}
+    assert choose_head(features, slightly, labels, 0.01, True, None).target == "labels"
+    much = {"labels": corrupted(0.45), "logits": clean, "log_probabilities": corrupted(0.45)}
+    assert choose_head(features, much, labels, 0.01, True, None).target == "logits"
