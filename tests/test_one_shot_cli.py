@@ -29,6 +29,7 @@ def test_the_default_run_is_one_digits_setting_with_five_dirichlet_clients_and_e
     )
     assert (setting.init, setting.seed, setting.threads, setting.fedavg_rounds) == ("shared", 0, 1, 0)
     assert options.variants == VARIANTS and options.importances == ("uniform",) and options.central
+    assert options.output_targets == ("labels",)
 
 
 def test_a_sweep_is_every_combination_of_init_clients_alpha_and_seed() -> None:
@@ -76,6 +77,7 @@ def test_the_data_folder_is_made_absolute_for_the_clients_worker_processes(
         (["--clients", "2,x"], "'2,x' is not a comma-separated list of int"),
         (["--alpha", "0.3,0.3"], "repeats a value"),
         (["--importance", "saliency"], r"unknown \['saliency'\]"),
+        (["--output-targets", "labels,softmax"], r"--output-targets: unknown \['softmax'\]"),
         (["--epochs", "10", "--fedavg-rounds", "3"], "must share the 10 local epochs evenly"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--polish-epochs", "-1"], "--polish-epochs: at least 0, got -1"),

@@ -21,6 +21,7 @@ from simulations.one_shot.cli import main
 SMALL = [
     "--init", "independent", "--epochs", "10", "--fedavg-rounds", "2",
     "--calibration-size", "150", "--evaluation-size", "300", "--no-progress", "--polish-epochs", "3",
+    "--output-targets", "labels,auto",
 ]  # fmt: skip
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +53,12 @@ def test_one_setting_scores_every_method_on_the_same_client_models(single) -> No
     rows = {row["method"]: row for row in setting["rows"]}
     assert list(rows) == [
         "client 0", "client 1", "client 2", "best client", "mean client", "fedavg one-shot",
-        *(f"fedfuse {variant} uniform{polished}" for variant in VARIANTS for polished in ("", " polished")),
+        *(
+            f"fedfuse {variant} uniform{target}{polished}"
+            for variant in VARIANTS
+            for target in ("", " auto")
+            for polished in ("", " polished")
+        ),
         *ENSEMBLES, "best ensemble",
         "fedavg 2 rounds", "central",
     ]  # fmt: skip
@@ -70,6 +76,8 @@ def test_one_setting_scores_every_method_on_the_same_client_models(single) -> No
     assert setting["fusion_reports"]["fedfuse linear uniform"]["parents"] == 3
     assert setting["fusion_reports"]["fedfuse linear uniform polished"]["config"]["polish_epochs"] == 3
     assert setting["fusion_reports"]["fedfuse linear uniform"]["config"]["polish_epochs"] == 0
+    auto = setting["fusion_reports"]["fedfuse linear uniform auto"]
+    assert auto["config"]["output_target"] == "auto" and auto["levels"][-1]["output_target"] is not None
     counts = setting["label_counts"]
     assert len(counts) == 3 and sum(map(sum, counts)) == 1797 - 150 - 300
     assert setting["flower_seconds"] < setting["seconds"]

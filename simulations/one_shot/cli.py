@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default uniform)",
     )
     methods.add_argument(
+        "--output-targets",
+        type=_list(str),
+        default=("labels",),
+        help="FedFuse output-layer target(s): labels, logits, log_probabilities, auto "
+        "(FusionConfig.output_target; default labels); a run other than labels is named after it",
+    )
+    methods.add_argument(
         "--variants",
         type=_list(str),
         default=None,
@@ -254,13 +261,14 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
     except ValueError as error:
         raise ValueError(_with_flags(str(error))) from None
     # The engine's choices: the first options whose check loads PyTorch.
-    from fedfuse.fusion.config import IMPORTANCES, VARIANTS
+    from fedfuse.fusion.config import IMPORTANCES, OUTPUT_TARGETS, VARIANTS
     from simulations.baselines import PEER_METHODS
     from simulations.one_shot.methods import MethodOptions
 
     for flag, values, choices in (
         ("--variants", args.variants or (), VARIANTS),
         ("--importance", args.importance, IMPORTANCES),
+        ("--output-targets", args.output_targets, OUTPUT_TARGETS),
         ("--methods", args.methods, tuple(PEER_METHODS)),
     ):
         unknown = [value for value in values if value not in choices]
@@ -271,6 +279,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Setting], MethodOptions]:
     options = MethodOptions(
         variants=args.variants or VARIANTS,
         importances=args.importance,
+        output_targets=args.output_targets,
         fusion_weights=args.fusion_weights,
         central=not args.no_central,
         peers=args.methods,

@@ -14,6 +14,7 @@ central training on the pooled client data (the ceiling).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ class MethodOptions:
     Attributes:
         variants: FedFuse variants (`fedfuse.fusion.config.VARIANTS`).
         importances: FedFuse importance methods (`fedfuse.fusion.config.IMPORTANCES`).
+        output_targets: FedFuse output-layer targets (`fedfuse.fusion.config.OUTPUT_TARGETS`); a run
+            with another than ``"labels"`` (the default) is named after it: ``"fedfuse linear uniform
+            auto"``.
         fusion_weights: one of `FUSION_WEIGHTS`.
         central: also train one model on the pooled client data.
         peers: peer methods run on the same client models (`simulations.baselines.PEER_METHODS`). The
@@ -55,6 +59,7 @@ class MethodOptions:
 
     variants: tuple[str, ...]
     importances: tuple[str, ...]
+    output_targets: tuple[str, ...] = ("labels",)
     fusion_weights: str = "calibration"
     central: bool = True
     peers: tuple[str, ...] = ()
@@ -71,8 +76,10 @@ class MethodOptions:
             raise ValueError(f"unknown peer method(s) {unknown}; choose from {', '.join(PEER_METHODS)}")
         if self.polish_epochs < 0:
             raise ValueError(f"polish_epochs must be >= 0, got {self.polish_epochs}")
-        if not self.variants or not self.importances:
-            raise ValueError("MethodOptions needs at least one FedFuse variant and one importance method")
+        if not self.variants or not self.importances or not self.output_targets:
+            raise ValueError(
+                "MethodOptions needs at least one FedFuse variant, importance method and output target"
+            )
         if self.fusion_weights not in FUSION_WEIGHTS:
             raise ValueError(
                 f"fusion_weights must be one of {', '.join(map(repr, FUSION_WEIGHTS))}, "
@@ -149,22 +156,20 @@ def compare(
         "examples": label_counts.sum(axis=1),
     }[options.fusion_weights]
     reports = {}
-    for variant in options.variants:
-        for importance in options.importances:
-            config = FusionConfig(
-                variant=variant, importance=importance, seed=setting.seed, progress=progress
-            )
-            runs = {f"fedfuse {variant} {importance}": config}
-            if options.polish_epochs:
-                runs[f"fedfuse {variant} {importance} polished"] = replace(
-                    config, polish_epochs=options.polish_epochs
-                )
-            for method, run in runs.items():
-                result = fuse(
-                    trained.client_models, (calibration.x, calibration.y), config=run, weights=weights
-                )
-                rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
-                reports[method] = result.report.to_dict()
+    for variant, importance, target in itertools.product(
+        options.variants, options.importances, options.output_targets
+    ):
+        config = FusionConfig(
+            variant=variant, importance=importance, output_target=target, seed=setting.seed, progress=progress
+        )
+        name = f"fedfuse {variant} {importance}" + ("" if target == "labels" else f" {target}")
+        runs = {name: config}
+        if options.polish_epochs:
+            runs[f"{name} polished"] = replace(config, polish_epochs=options.polish_epochs)
+        for method, run in runs.items():
+            result = fuse(trained.client_models, (calibration.x, calibration.y), config=run, weights=weights)
+            rows.append(score(method, result.model, fusion_seconds=result.report.seconds))
+            reports[method] = result.report.to_dict()
 
     inputs = PeerInputs(
         trained.client_models, (calibration.x, calibration.y), setting.seed, trained.client_replies
