@@ -65,10 +65,11 @@ class FusionConfig:
             the fused features, pulled toward the parents' aligned head; without labels, ``"logits"``.
             ``"logits"``: the class-weighted mean of the parents' logits (the paper's target).
             ``"log_probabilities"``: the log of the class-weighted mean of their probabilities (the
-            softmax ensemble's log-probabilities). ``"auto"``: the one of the three whose fit classifies
-            held-out calibration samples best, by 5-fold cross-validation (`fedfuse.fusion.head_choice`;
-            ties go to the labels); without labels, or for a head that is not one Linear row per sample,
-            or in the gradient variant, as ``"labels"``. Measured in docs/benchmarks.md.
+            softmax ensemble's log-probabilities). ``"auto"``: the labels, unless another of the three
+            classifies significantly more held-out calibration samples right, by 5-fold cross-validation
+            (`fedfuse.fusion.head_choice`); without labels, for a head that is not one Linear row per
+            sample or whose features on the calibration set exceed 2**24 values, or in the gradient
+            variant, as ``"labels"``. Measured in docs/benchmarks.md.
         batch_size: calibration samples per forward pass when the calibration set is a tensor or
             an ``(inputs, labels)`` pair (a DataLoader keeps its own batches). Bounds peak memory.
         seed: seeds k-means; the same seed gives the same fused weights, bit for bit, on CPU.

@@ -42,6 +42,10 @@ from fedfuse.fusion.targets import (
     output_target,
 )
 
+#: The most values (float64) the output layer's features may hold for ``output_target="auto"`` to
+#: cross-validate its target on them (128 MiB); past that it is fitted to the labels.
+HEAD_CHOICE_VALUES = 1 << 24
+
 
 def fit_linear(level: Level, context: FusionContext) -> LevelReport:
     """Fit one Linear/Conv level (BatchNorm folded in) in closed form and write it into the fused model."""
@@ -127,14 +131,16 @@ def fit_linear(level: Level, context: FusionContext) -> LevelReport:
 
 
 class _Rows:
-    """The rows a pass of `_statistics` adds, kept (``[rows, d]`` features, ``[rows, g]`` targets)."""
+    """The rows a pass of `_statistics` adds, kept: ``[rows, g]`` targets, and ``[rows, d]`` features when
+    asked (one pass keeps them; they are the same in every pass)."""
 
-    def __init__(self) -> None:
-        self.features: list[Tensor] = []
+    def __init__(self, features: bool) -> None:
+        self.features: list[Tensor] | None = [] if features else None
         self.targets: list[Tensor] = []
 
     def add(self, x: Tensor, t: Tensor) -> None:
-        self.features.append(x.reshape(-1, x.shape[-1]).double())
+        if self.features is not None:
+            self.features.append(x.reshape(-1, x.shape[-1]).double())
         self.targets.append(t.double())
 
 
@@ -148,17 +154,22 @@ def _choose_head(
 ) -> tuple[HeadChoice, Tensor, Tensor] | None:
     """With ``output_target="auto"``: the output layer's target chosen by cross-validation on the
     calibration set (`fedfuse.fusion.head_choice`), and its rows (features ``[N, d]``, targets ``[N, C]``)
-    to fit on; None when the layer has more rows than samples (a convolution's positions), whose fit
-    takes the labels' fallback (`output_target`)."""
+    to fit on. None, for the labels' fit (`output_target`), when the layer has more rows than samples (a
+    convolution's positions) or its features would hold more than `HEAD_CHOICE_VALUES` values."""
     labels = torch.cat([y for _, y in context.calibration.batches(context.device, context.dtype)])
-    targets = {}
+    if len(labels) * (layer_fan_in(layer) + 1) > HEAD_CHOICE_VALUES:
+        return None
+    features, targets = None, {}
     for name in sorted(CANDIDATES, key=lambda name: name != "logits"):  # the logits need no row per sample
-        rows = _Rows()
+        rows = _Rows(features=features is None)
         direct = None if name == "logits" else name
         _statistics(level, rows, lambda x: (layer_inputs(layer, x), None), context, grouping, direct)
-        features, targets[name] = torch.cat(rows.features), torch.cat(rows.targets)
-        if len(features) != len(labels):
+        if rows.features is not None:
+            features = torch.cat(rows.features)
+        targets[name] = torch.cat(rows.targets)
+        if len(targets[name]) != len(labels):
             return None
+    assert features is not None
     choice = choose_head(features, targets, labels, context.config.ridge, with_bias, prior)
     return choice, features, targets[choice.target]
 
