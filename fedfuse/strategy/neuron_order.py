@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedfuse.fusion.levels import LevelPlan
+from fedfuse.fusion.levels import LevelPlan, Space
 from fedfuse.fusion.reading import Reader
 
 #: The largest z-score of its in-place correlation (against a random order's) at which a client's neurons
@@ -119,10 +119,15 @@ def check_orders(clients: Sequence[nn.Module], plan: LevelPlan, inputs: Tensor) 
         plan: their levels (`fedfuse.describe_levels`).
         inputs: a calibration batch ``[N, ...]``.
     """
-    reference = median_model(clients)
-    spaces = [[*neuron_order(reference, client, plan, inputs)] for client in clients]
-    flagged = sum(any(s.out_of_order for s in client) for client in spaces)
-    return Orders(spaces, shared=2 * flagged < len(clients))
+    spaces = [space for space in plan.spaces.values() if not space.fixed]
+    reader = Reader(plan)  # one compiled piece for every model read (`fedfuse.fusion.reading`)
+    reference = _standardised_rows(reader, median_model(clients), spaces, inputs)  # read once
+    orders = [
+        _space_orders(spaces, reference, _standardised_rows(reader, client, spaces, inputs))
+        for client in clients
+    ]
+    flagged = sum(any(s.out_of_order for s in client) for client in orders)
+    return Orders(orders, shared=2 * flagged < len(clients))
 
 
 def median_model(models: Sequence[nn.Module]) -> nn.Module:
@@ -137,22 +142,23 @@ def median_model(models: Sequence[nn.Module]) -> nn.Module:
     return median
 
 
-def neuron_order(
-    reference: nn.Module, client: nn.Module, plan: LevelPlan, inputs: Tensor
-) -> list[SpaceOrder]:
-    """Per free space of ``plan``, how ``client``'s neurons line up with ``reference``'s on ``inputs``."""
-    spaces = [space for space in plan.spaces.values() if not space.fixed]
+def _standardised_rows(reader: Reader, model: nn.Module, spaces: list[Space], inputs: Tensor) -> list[Tensor]:
+    """Per space, ``model``'s neurons on ``inputs`` as standardised rows ``[rows, n]`` (`_standardised`)."""
     if not spaces:
         return []
-    places = [space.points[0].place for space in spaces]
-    reader = Reader(plan)
     with torch.no_grad():
-        ours = reader.read(reference.eval(), inputs, places)
-        theirs = reader.read(client.eval(), inputs, places)
+        values = reader.read(model.eval(), inputs, [space.points[0].place for space in spaces])
+    return [
+        _standardised(_rows(value, space.points[0].axis).double()) for space, value in zip(spaces, values)
+    ]
+
+
+def _space_orders(spaces: list[Space], reference: list[Tensor], client: list[Tensor]) -> list[SpaceOrder]:
+    """Per space, how the client's standardised neurons line up with the reference's (a space whose
+    neurons never vary in the reference is not measured)."""
     orders = []
-    for space, a, b in zip(spaces, ours, theirs, strict=True):
-        axis = space.points[0].axis
-        correlation, live = correlations(_rows(a, axis), _rows(b, axis))
+    for space, ours, theirs in zip(spaces, reference, client, strict=True):
+        correlation, live = ours.T @ theirs / len(ours), ours.abs().sum(0) > 0
         if not bool(live.any()):
             continue
         pairs = correlation[live]
@@ -168,14 +174,9 @@ def neuron_order(
     return orders
 
 
-def correlations(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """The correlations ``[n, m]`` between the columns of ``a`` ``[rows, n]`` and of ``b`` ``[rows, m]``
-    (0 for a column that is constant), and which columns of ``a`` vary (``[n]``, bool)."""
-    a, b = _standardised(a.double()), _standardised(b.double())
-    return a.T @ b / len(a), a.abs().sum(0) > 0
-
-
 def _standardised(values: Tensor) -> Tensor:
+    """Each column centred and divided by its standard deviation (a constant column: zeros), so that the
+    correlations between two sets of columns are one product."""
     centred = values - values.mean(0)
     scale = centred.square().mean(0).sqrt()
     return torch.where(scale > 0, centred / scale.clamp_min(torch.finfo(values.dtype).tiny), 0.0)
