@@ -171,17 +171,20 @@ def rescale_toward_parents(
     if not scales:
         return reports
     factors = _level_factors(spaces, scales)
-    layers = {level.name: level.layer for level in plan.levels}
-    state = {name: value.detach().clone() for name, value in fused.state_dict().items()}
+    layers = {
+        level.name: fused.get_submodule(str(level.layer)) for level in plan.levels if level.name in factors
+    }
+    touched = [p for layer in layers.values() for p in (layer.weight, layer.bias) if p is not None]
+    saved = [p.detach().clone() for p in touched]  # the touched layers only, to undo
     with torch.no_grad():
         before = fused(example)
         for name, (weight_factor, bias_factor) in factors.items():
-            layer = fused.get_submodule(str(layers[name]))
-            layer.weight.mul_(weight_factor)
-            if layer.bias is not None and bias_factor != 1.0:
-                layer.bias.mul_(bias_factor)
+            layers[name].weight.mul_(weight_factor)
+            if layers[name].bias is not None:
+                layers[name].bias.mul_(bias_factor)
         if not _unchanged(before, fused(example)):
-            fused.load_state_dict(state)
+            for parameter, value in zip(touched, saved):
+                parameter.copy_(value)
             return reports
     return [
         replace(r, weight_norm=r.weight_norm * factors[r.name][0])
